@@ -1,0 +1,38 @@
+# make install; make train DATA=cats_dogs [BACKBONE=...] [CONFIG=file.yaml] [ARGS="--epochs 5"]
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= cats_dogs
+RUN ?=
+IMAGES ?= data/$(DATA)/validation
+
+TRAIN_FLAGS := --data $(DATA) $(if $(BACKBONE),--backbone $(BACKBONE)) \
+	$(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+.PHONY: install train export predict backbones test clean-venv
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+train: install
+	$(PY) -m transfer train $(TRAIN_FLAGS)
+
+export: install
+	$(PY) -m transfer export $(if $(RUN),--run $(RUN),--data $(DATA))
+
+predict: install
+	$(PY) predict.py --model $(or $(MODEL),saved_models/$(DATA)) $(IMAGES)
+
+backbones: install
+	$(PY) -m transfer backbones
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

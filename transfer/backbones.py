@@ -1,0 +1,163 @@
+"""The backbone table: one row per ImageNet-pretrained model from keras.applications.
+
+Adding a backbone means adding one row to ``BACKBONES``. Nothing else in the package knows
+about individual backbones.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+
+log = logging.getLogger(__name__)
+
+# ImageNet statistics in 0-255 RGB, as keras.applications.imagenet_utils uses them.
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+TORCH_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+TORCH_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+PREPROCESSING_MODES = ("caffe", "tf", "torch", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """How to build, feed and fine-tune one keras.applications backbone.
+
+    preprocessing: "caffe" (RGB->BGR, subtract the ImageNet mean), "tf" (scale to [-1, 1]),
+        "torch" (scale to [0, 1], then ImageNet mean and std), or "none" (the Keras model
+        rescales inside itself).
+    cut: name prefix of the first layer to fine-tune. That layer and every layer after it in
+        the backbone's layer order are unfrozen in phase 2; it always starts a whole block.
+    """
+
+    name: str
+    constructor: str  # attribute of keras.applications
+    module: str  # keras.applications submodule holding preprocess_input
+    preprocessing: str
+    default_size: int
+    min_size: int
+    cut: str
+    kwargs: tuple = ()  # extra constructor arguments as (key, value) pairs
+
+    def build(self, image_size, weights="imagenet"):
+        """The headless backbone for `image_size` square RGB inputs.
+
+        weights: "imagenet" (Keras's download and cache), None (random) or a weights file path.
+        """
+        import keras
+
+        constructor = getattr(keras.applications, self.constructor)
+        try:
+            return constructor(
+                include_top=False,
+                weights=weights,
+                input_shape=(image_size, image_size, 3),
+                **dict(self.kwargs),
+            )
+        except Exception as error:  # Keras raises a bare Exception for a failed download.
+            if "URL fetch failure" not in str(error):
+                raise
+            raise FileNotFoundError(_weights_help(self.name, str(error))) from None
+
+
+def _weights_help(name, message):
+    match = re.search(r"URL fetch failure on (\S+?):? ", message)
+    url = match.group(1) if match else "(see the Keras error below)"
+    file_name = url.rsplit("/", 1)[-1]
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    models_dir = os.path.join(keras_home, "models")
+    return (
+        f"ImageNet weights for backbone {name!r} are not in Keras's cache and could not be "
+        f"downloaded.\n  Keras wants the file: {file_name}\n  in: {models_dir}\n"
+        f"  from: {url}\n"
+        "Download it on a machine with internet and copy it there (or point KERAS_HOME at a "
+        "folder whose models/ holds it), or train with --weights none or --weights PATH.\n"
+        f"Keras said: {message}"
+    )
+
+
+def _row(name, constructor, module, preprocessing, default_size, min_size, cut, **kwargs):
+    return BackboneSpec(
+        name, constructor, module, preprocessing, default_size, min_size, cut,
+        tuple(sorted(kwargs.items())),
+    )
+
+
+BACKBONES = {
+    spec.name: spec
+    for spec in [
+        _row("vgg16", "VGG16", "vgg16", "caffe", 224, 32, "block5_"),
+        _row("vgg19", "VGG19", "vgg19", "caffe", 224, 32, "block5_"),
+        _row("resnet50", "ResNet50", "resnet", "caffe", 224, 32, "conv5_"),
+        _row("resnet101", "ResNet101", "resnet", "caffe", 224, 32, "conv5_"),
+        _row("resnet152", "ResNet152", "resnet", "caffe", 224, 32, "conv5_"),
+        _row("resnet50v2", "ResNet50V2", "resnet_v2", "tf", 224, 32, "conv5_"),
+        _row("resnet101v2", "ResNet101V2", "resnet_v2", "tf", 224, 32, "conv5_"),
+        _row("resnet152v2", "ResNet152V2", "resnet_v2", "tf", 224, 32, "conv5_"),
+        _row("xception", "Xception", "xception", "tf", 299, 71, "block14_"),
+        # Inception's inner layers have generic names; "mixed9" starts the top block's
+        # named outputs, and every layer with weights after it belongs to the top block.
+        _row("inceptionv3", "InceptionV3", "inception_v3", "tf", 299, 75, "mixed9"),
+        _row("inceptionresnetv2", "InceptionResNetV2", "inception_resnet_v2", "tf", 299, 75,
+             "block8_9_ac"),
+        _row("mobilenet", "MobileNet", "mobilenet", "tf", 224, 32, "conv_dw_12", alpha=1.0),
+        _row("mobilenet_050", "MobileNet", "mobilenet", "tf", 224, 32, "conv_dw_12", alpha=0.5),
+        _row("mobilenet_025", "MobileNet", "mobilenet", "tf", 224, 32, "conv_dw_12", alpha=0.25),
+        _row("mobilenetv2", "MobileNetV2", "mobilenet_v2", "tf", 224, 32, "block_15_"),
+        _row("mobilenetv3small", "MobileNetV3Small", "mobilenet_v3", "none", 224, 32,
+             "expanded_conv_9_"),
+        _row("mobilenetv3large", "MobileNetV3Large", "mobilenet_v3", "none", 224, 32,
+             "expanded_conv_13_"),
+        _row("densenet121", "DenseNet121", "densenet", "torch", 224, 32, "conv5_"),
+        _row("densenet169", "DenseNet169", "densenet", "torch", 224, 32, "conv5_"),
+        _row("densenet201", "DenseNet201", "densenet", "torch", 224, 32, "conv5_"),
+        _row("efficientnetv2b0", "EfficientNetV2B0", "efficientnet_v2", "none", 224, 32, "block6"),
+        _row("efficientnetv2b1", "EfficientNetV2B1", "efficientnet_v2", "none", 240, 32, "block6"),
+        _row("efficientnetv2b2", "EfficientNetV2B2", "efficientnet_v2", "none", 260, 32, "block6"),
+        _row("efficientnetv2b3", "EfficientNetV2B3", "efficientnet_v2", "none", 300, 32, "block6"),
+        _row("convnext_tiny", "ConvNeXtTiny", "convnext", "none", 224, 32,
+             "convnext_tiny_downsampling_block_2"),
+    ]
+}
+
+
+def get_spec(name):
+    """The BackboneSpec called `name`; a ValueError naming the valid ones otherwise."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown backbone {name!r}. Valid backbones: {', '.join(BACKBONES)}."
+        ) from None
+
+
+def preprocessing_layers(mode):
+    """Keras layers that turn raw 0-255 RGB into what a backbone of `mode` expects."""
+    import keras
+
+    from transfer.layers import CaffePreprocessing
+
+    if mode == "caffe":
+        return [CaffePreprocessing(name="preprocess_caffe")]
+    if mode == "tf":
+        return [keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess_tf")]
+    if mode == "torch":
+        variance = [std**2 for std in TORCH_STD_RGB]
+        return [keras.layers.Normalization(
+            mean=list(TORCH_MEAN_RGB), variance=variance, name="preprocess_torch")]
+    if mode == "none":
+        return []
+    raise ValueError(
+        f"Unknown preprocessing mode {mode!r}; expected one of {', '.join(PREPROCESSING_MODES)}."
+    )
+
+
+def cut_index(backbone, prefix):
+    """Index in backbone.layers of the first layer whose name starts with `prefix`."""
+    for index, layer in enumerate(backbone.layers):
+        if layer.name.startswith(prefix):
+            return index
+    raise ValueError(
+        f"No layer of backbone {backbone.name!r} starts with {prefix!r}. "
+        "Pass a layer-name prefix from `python -m transfer backbones --layers NAME`."
+    )

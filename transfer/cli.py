@@ -1,0 +1,176 @@
+"""Command line: python -m transfer {train,backbones,export,predict}. The only place that prints."""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from transfer.config import FLIP_MODES, WEIGHT_CHOICES
+
+log = logging.getLogger("transfer")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return args.command(args) or 0
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="transfer", description="Train, export and use transfer-learned image classifiers.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a classifier on a folder of images",
+                                description="Settings: defaults < --config file < options.")
+    train.set_defaults(command=cmd_train)
+    train.add_argument("--config", help="YAML or JSON file of settings (keys as the options)")
+    train.add_argument("--data", help="data set name (under $TRANSFER_DATA_HOME or data/) or "
+                                      "folder holding train/<class>/*")
+    train.add_argument("--backbone", help="backbone name; see `python -m transfer backbones`")
+    train.add_argument("--weights", help=WEIGHT_CHOICES)
+    train.add_argument("--image-size", type=int, help="input size (default: the backbone's)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--epochs", type=int, help="phase 1 (head) epochs")
+    train.add_argument("--learning-rate", type=float, help="phase 1 learning rate")
+    train.add_argument("--fine-tune-epochs", type=int, help="phase 2 epochs; 0 skips phase 2")
+    train.add_argument("--fine-tune-learning-rate", type=float, help="phase 2 learning rate")
+    train.add_argument("--fine-tune-from", help="layer-name prefix to fine-tune from "
+                                                "(default: the backbone table's cut)")
+    train.add_argument("--dropout", type=float)
+    train.add_argument("--patience", type=int, help="early-stopping patience in epochs")
+    train.add_argument("--validation-split", type=float,
+                       help="validation fraction when there is no validation/ folder")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                       help="augment training images (default: on)")
+    train.add_argument("--flip", choices=FLIP_MODES)
+    for name in ("rotation", "zoom", "translation", "contrast"):
+        train.add_argument(f"--{name}", type=float, help=f"{name} augmentation factor")
+    train.add_argument("--runs-dir", help="where run directories go (default: runs)")
+
+    backbones = commands.add_parser("backbones", help="list the backbone table")
+    backbones.set_defaults(command=cmd_backbones)
+    backbones.add_argument("--layers", metavar="BACKBONE",
+                           help="list this backbone's layer names instead (cut candidates)")
+
+    export = commands.add_parser("export", help="export a trained run as a SavedModel")
+    export.set_defaults(command=cmd_export)
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory holding model.keras")
+    source.add_argument("--data", help="export the newest run of this data set")
+    export.add_argument("--name", help="model name under --output (default: the data set name)")
+    export.add_argument("--output", default="saved_models", help="default: saved_models")
+    export.add_argument("--runs-dir", default="runs", help="default: runs")
+
+    predict = commands.add_parser("predict", help="classify image files and folders")
+    predict.set_defaults(command=cmd_predict)
+    predict.add_argument("--model", required=True,
+                         help="a .keras file, a run directory or a SavedModel folder")
+    predict.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    predict.add_argument("--output", help="write CSV or JSON (by suffix) here instead of stdout")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--batch-size", type=int, default=32)
+    return parser
+
+
+def cmd_train(args):
+    from transfer import config
+
+    overrides = {key: value for key, value in vars(args).items()
+                 if key in config.field_names()}
+    settings = config.load_file(args.config) if args.config else None
+    cfg = config.resolve(settings, overrides)
+
+    from transfer.train import train
+
+    train(cfg, verbose=1 if sys.stdout.isatty() else 2)
+
+
+def cmd_backbones(args):
+    from transfer.backbones import BACKBONES, get_spec
+
+    if args.layers:
+        spec = get_spec(args.layers)
+        backbone = spec.build(spec.default_size, weights=None)
+        for index, layer in enumerate(backbone.layers):
+            print(f"{index:4d}  {layer.name}")
+        return
+    print(f"{'name':<18} {'input':>5} {'min':>4} {'params':>8} {'preprocess':<10} cut")
+    for spec in BACKBONES.values():
+        backbone = spec.build(spec.default_size, weights=None)
+        print(f"{spec.name:<18} {spec.default_size:>5} {spec.min_size:>4} "
+              f"{backbone.count_params() / 1e6:>7.1f}M {spec.preprocessing:<10} {spec.cut}")
+
+
+def cmd_export(args):
+    from transfer.export import export_savedmodel
+    from transfer.model import load_model
+    from transfer.train import latest_run
+
+    run_dir = Path(args.run) if args.run else latest_run(Path(args.runs_dir) / args.data)
+    model_file = run_dir / "model.keras"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{model_file} does not exist; expected a run directory of "
+                                "`python -m transfer train`.")
+    run_config = json.loads((run_dir / "config.json").read_text())
+    classes = json.loads((run_dir / "classes.json").read_text())
+    name = args.name or args.data or Path(run_config["data_dir"]).name
+    model = load_model(model_file)
+    target = export_savedmodel(model, classes, Path(args.output) / name,
+                               sample_images=_validation_sample(run_dir, model.input_shape[1]),
+                               config=run_config)
+    print(target)
+
+
+def _validation_sample(run_dir, size, count=8):
+    """A few of the run's validation images, to check an export on real pictures."""
+    import csv
+
+    import numpy as np
+
+    from transfer.data import ImageError, load_image
+
+    images = []
+    with open(run_dir / "split.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] == "validation" and len(images) < count:
+                try:
+                    images.append(load_image(row["path"], size))
+                except ImageError:
+                    continue
+    return np.stack(images).astype("float32") if images else None
+
+
+def cmd_predict(args):
+    from transfer.predict import Predictor, expand_paths, predict_paths, write_rows
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ValueError(f"--top-k and --batch-size must be positive; received {args.top_k} "
+                         f"and {args.batch_size}.")
+    predictor = Predictor(args.model)
+    paths = expand_paths(args.images)
+    if not paths:
+        raise FileNotFoundError(f"No images found in {', '.join(args.images)}.")
+    rows = list(predict_paths(predictor, paths, args.batch_size, args.top_k))
+    fmt = "json" if args.output and args.output.endswith(".json") else "csv"
+    if args.output:
+        with open(args.output, "w", newline="") as handle:
+            write_rows(rows, handle, fmt)
+    else:
+        write_rows(rows, sys.stdout, fmt)
+    failed = [row for row in rows if row["error"]]
+    log.info("%d images: %d predicted, %d failed%s", len(rows), len(rows) - len(failed),
+             len(failed), f"; wrote {args.output}" if args.output else "")
+    return 1 if failed else 0

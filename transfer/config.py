@@ -1,0 +1,133 @@
+"""Training configuration: defaults < an optional YAML or JSON file < command-line flags."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical", "none")
+WEIGHT_CHOICES = "imagenet | none | PATH to a weights file"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One fit: `unfreeze_from` None trains the head only, else fine-tunes from that prefix."""
+
+    name: str
+    epochs: int
+    learning_rate: float
+    unfreeze_from: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str = "cats_dogs"
+    backbone: str = "mobilenetv2"
+    weights: str = "imagenet"
+    image_size: int | None = None  # None: the backbone's default size
+    batch_size: int = 32
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    fine_tune_epochs: int = 10
+    fine_tune_learning_rate: float = 1e-5
+    fine_tune_from: str | None = None  # None: the backbone table's cut
+    dropout: float = 0.2
+    patience: int = 3
+    validation_split: float = 0.2  # used only when the data set has no validation/ folder
+    seed: int = 1337
+    augment: bool = True
+    flip: str = "horizontal"
+    rotation: float = 0.1
+    zoom: float = 0.1
+    translation: float = 0.1
+    contrast: float = 0.1
+    runs_dir: str = "runs"
+
+    def phases(self, cut):
+        """Phase 1 on the frozen backbone, then phase 2 from `cut` unless it has 0 epochs."""
+        phases = [Phase("head", self.epochs, self.learning_rate, None)]
+        if self.fine_tune_epochs > 0:
+            phases.append(Phase("fine_tune", self.fine_tune_epochs,
+                                self.fine_tune_learning_rate, self.fine_tune_from or cut))
+        return phases
+
+    def validate(self):
+        """Raise ValueError for values no training run could use."""
+        for key in ("batch_size", "epochs", "patience", "seed"):
+            if getattr(self, key) < (0 if key == "seed" else 1):
+                raise ValueError(f"{key} must be a positive integer; received {getattr(self, key)}.")
+        if self.fine_tune_epochs < 0:
+            raise ValueError(f"fine_tune_epochs must be 0 (skip phase 2) or more; "
+                             f"received {self.fine_tune_epochs}.")
+        for key in ("learning_rate", "fine_tune_learning_rate"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be positive; received {getattr(self, key)}.")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1); received {self.dropout}.")
+        if not 0 < self.validation_split < 1:
+            raise ValueError(f"validation_split must be in (0, 1); received {self.validation_split}.")
+        if self.flip not in FLIP_MODES:
+            raise ValueError(f"flip must be one of {', '.join(FLIP_MODES)}; received {self.flip!r}.")
+        for key in ("rotation", "zoom", "translation", "contrast"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key} must be in [0, 1); received {getattr(self, key)}.")
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+            raise FileNotFoundError(
+                f"weights must be {WEIGHT_CHOICES}; {self.weights!r} is not a file.")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def field_names():
+    return [field.name for field in dataclasses.fields(TrainConfig)]
+
+
+def load_file(path):
+    """The settings in a YAML (.yaml/.yml) or JSON (.json) file, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist; expected a .yaml or .json file.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        settings = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        settings = json.loads(text)
+    else:
+        raise ValueError(f"Config file {path} must end in .yaml, .yml or .json; "
+                         f"received {path.suffix or 'no suffix'}.")
+    if not isinstance(settings, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of settings; "
+                         f"received {type(settings).__name__}.")
+    return settings
+
+
+def resolve(file_settings=None, overrides=None):
+    """Defaults, updated by a config file's settings, updated by command-line overrides.
+
+    Keys in either mapping must be TrainConfig fields; None values in `overrides` mean "not
+    given" and are ignored.
+    """
+    settings = {}
+    for source, mapping in (("config file", file_settings or {}), ("options", overrides or {})):
+        unknown = sorted(set(mapping) - set(field_names()))
+        if unknown:
+            raise ValueError(f"Unknown {source} key(s) {', '.join(unknown)}. "
+                             f"Valid keys: {', '.join(field_names())}.")
+        settings.update({key: value for key, value in mapping.items() if value is not None})
+    _check_types(settings)
+    return TrainConfig(**settings).validate()
+
+
+def _check_types(settings):
+    defaults = TrainConfig()
+    for key, value in settings.items():
+        default = getattr(defaults, key)
+        expected = type(default) if default is not None else (int if key == "image_size" else str)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            settings[key] = float(value)
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"{key} must be {expected.__name__}; received {value!r} "
+                             f"({type(value).__name__}).")

@@ -1,0 +1,61 @@
+"""The classifier: raw 0-255 RGB in, the backbone's own preprocessing, a new head."""
+
+import logging
+
+import keras
+
+from transfer.backbones import cut_index, preprocessing_layers
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+
+
+def build_classifier(spec, num_classes, image_size, weights="imagenet", dropout=0.2):
+    """A Keras model from [N, image_size, image_size, 3] 0-255 RGB to class probabilities."""
+    if image_size < spec.min_size:
+        raise ValueError(f"image_size {image_size} is below backbone {spec.name!r}'s minimum "
+                         f"of {spec.min_size}; use --image-size {spec.min_size} or more.")
+    backbone = spec.build(image_size, weights=None if weights == "none" else weights)
+    backbone.trainable = False
+    inputs = keras.Input((image_size, image_size, 3), name=INPUT_NAME)
+    x = inputs
+    for layer in preprocessing_layers(spec.preprocessing):
+        x = layer(x)
+    # training=False keeps BatchNormalization in inference mode, also once unfrozen.
+    x = backbone(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=f"transfer_{spec.name}")
+
+
+def backbone_of(model):
+    """The backbone: the one nested Model inside a classifier."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def set_trainable(backbone, unfreeze_from):
+    """Freeze the backbone, or unfreeze from the first layer named `unfreeze_from*` onwards.
+
+    BatchNormalization layers stay frozen: their statistics fit ImageNet and small batches
+    would wreck them.
+    """
+    if unfreeze_from is None:
+        backbone.trainable = False
+        return
+    start = cut_index(backbone, unfreeze_from)
+    backbone.trainable = True
+    for index, layer in enumerate(backbone.layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def count_trainable(model):
+    return sum(int(keras.ops.size(weight)) for weight in model.trainable_weights)
+
+
+def load_model(path):
+    """Load a .keras classifier in safe mode."""
+    import transfer.layers  # noqa: F401  (registers CaffePreprocessing for deserialization)
+
+    return keras.saving.load_model(path, safe_mode=True)

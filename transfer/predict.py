@@ -1,0 +1,119 @@
+"""Predict: image files and folders in, one row per image out. Knows nothing of training."""
+
+import concurrent.futures
+import json
+from pathlib import Path
+
+import numpy as np
+
+from transfer.data import ImageError, list_images, load_image
+
+MODEL_FORMATS = ("a .keras file with classes.json beside it", "a run directory holding model.keras",
+                 "a SavedModel version folder", "a SavedModel model folder of integer versions")
+
+
+class Predictor:
+    """A trained classifier from a .keras file or an exported SavedModel."""
+
+    def __init__(self, path):
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"Model {path} does not exist; expected "
+                                    f"{', '.join(MODEL_FORMATS)}.")
+        if path.is_dir() and (path / "model.keras").is_file():
+            path = path / "model.keras"
+        if path.is_dir() and not (path / "saved_model.pb").is_file():
+            versions = sorted((p for p in path.iterdir() if p.name.isdigit()
+                               and (p / "saved_model.pb").is_file()), key=lambda p: int(p.name))
+            if not versions:
+                raise ValueError(f"{path} is not a model; expected {', '.join(MODEL_FORMATS)}.")
+            path = versions[-1]
+        self.path = path
+        if path.is_dir():
+            self._load_savedmodel(path)
+        elif path.suffix == ".keras":
+            self._load_keras(path)
+        else:
+            raise ValueError(f"{path} is not a model; expected {', '.join(MODEL_FORMATS)}.")
+
+    def _load_keras(self, path):
+        from transfer.model import load_model
+
+        classes_file = path.parent / "classes.json"
+        if not classes_file.is_file():
+            raise FileNotFoundError(f"{classes_file} is missing; a .keras model needs the "
+                                    "classes.json its training run wrote beside it.")
+        self.classes = json.loads(classes_file.read_text())
+        model = load_model(path)
+        self.image_size = model.input_shape[1]
+        self._predict = lambda images: np.asarray(model(images, training=False))
+
+    def _load_savedmodel(self, path):
+        import tensorflow as tf
+
+        from transfer.export import SIGNATURE, read_classes
+
+        self.classes = read_classes(path)
+        signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
+        self.image_size = signature.structured_input_signature[1]["images"].shape[1]
+        self._predict = lambda images: signature(images=tf.constant(images))["probabilities"].numpy()
+
+    def predict(self, images):
+        """Class probabilities [N, C] for float32 0-255 images [N, H, W, 3]."""
+        return self._predict(np.asarray(images, dtype=np.float32))
+
+
+def expand_paths(inputs):
+    """Files as given (a bad one gets an error row) plus images found in folders, recursively."""
+    paths = []
+    for item in map(Path, inputs):
+        paths += list_images(item) if item.is_dir() else [item]
+    return paths
+
+
+def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=4):
+    """Yield one row per path: path, label, probability, top_k [(label, p)...], error."""
+    top_k = max(1, min(top_k, len(predictor.classes)))
+
+    def decode(path):
+        try:
+            return load_image(path, predictor.image_size), None
+        except ImageError as error:
+            return None, str(error)
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            decoded = list(pool.map(decode, chunk))
+            good = [image for image, error in decoded if error is None]
+            probabilities = iter(predictor.predict(np.stack(good)) if good else [])
+            for path, (image, error) in zip(chunk, decoded):
+                if error is not None:
+                    yield {"path": str(path), "label": None, "probability": None, "top_k": [],
+                           "error": error}
+                    continue
+                scores = next(probabilities)
+                order = np.argsort(scores)[::-1][:top_k]
+                yield {"path": str(path), "label": predictor.classes[order[0]],
+                       "probability": float(scores[order[0]]),
+                       "top_k": [(predictor.classes[i], float(scores[i])) for i in order],
+                       "error": None}
+
+
+def write_rows(rows, handle, fmt):
+    """Write prediction rows as CSV or JSON to an open text handle."""
+    if fmt == "json":
+        json.dump([row | {"top_k": [{"label": label, "probability": p}
+                                    for label, p in row["top_k"]]} for row in rows],
+                  handle, indent=2)
+        handle.write("\n")
+        return
+    import csv
+
+    writer = csv.writer(handle)
+    writer.writerow(("path", "label", "probability", "top_k", "error"))
+    for row in rows:
+        writer.writerow((row["path"], row["label"] or "",
+                         "" if row["probability"] is None else f"{row['probability']:.6f}",
+                         " ".join(f"{label}:{p:.4f}" for label, p in row["top_k"]),
+                         row["error"] or ""))
