@@ -101,7 +101,8 @@ def fit_phases(model, phases, train_ds, val_ds, patience, verbose="auto"):
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
                                                 restore_best_weights=True)
         fitted = model.fit(train_ds, validation_data=val_ds, epochs=epoch + phase.epochs,
-                           initial_epoch=epoch, callbacks=[stopper], verbose=verbose)
+                           initial_epoch=epoch, callbacks=[stopper], verbose=verbose,
+                           shuffle=False)  # the pipeline shuffles; Keras cannot shuffle tf.data
         epochs_run = len(fitted.history["loss"])
         for i in range(epochs_run):
             row = {key: float(values[i]) for key, values in fitted.history.items()}

@@ -1,0 +1,81 @@
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TRANSFER_SHARED", REPO.parent / "shared"))
+CATS_DOGS = SHARED / "datasets" / "cats_dogs"
+MOBILENET_025 = SHARED / "keras" / "models" / "mobilenet_2_5_224_tf_no_top.h5"
+
+# Keras reads KERAS_HOME once, at import: point it, before any test imports Keras, at a fresh
+# folder whose models/ holds only the real checkpoint from ../shared (when it is there).
+KERAS_HOME = Path(tempfile.mkdtemp(prefix="transfer-keras-home-"))
+(KERAS_HOME / "models").mkdir()
+if MOBILENET_025.is_file():
+    shutil.copy(MOBILENET_025, KERAS_HOME / "models" / MOBILENET_025.name)
+os.environ["KERAS_HOME"] = str(KERAS_HOME)
+
+# Small and fast at 32 px, and (unlike MobileNets, whose random-init activations vanish) its
+# random-init features differ between images, so outputs and round trips are meaningful.
+TINY_BACKBONE = "vgg16"
+BATCHNORM_BACKBONE = "resnet50"  # for the phase tests: BatchNorm layers and a named cut
+TINY_SIZE = 32
+
+
+def write_image(path, kind, rng, size=40):
+    """A small picture whose class is visible: horizontal or vertical stripes, plus noise."""
+    stripes = (np.arange(size) // 4 % 2 * 200).astype(np.uint8)
+    pattern = np.tile(stripes[:, None] if kind == 0 else stripes[None, :], (1, size) if kind == 0
+                      else (size, 1))
+    pixels = np.clip(pattern[..., None] + rng.integers(0, 50, (size, size, 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+
+
+def make_dataset(root, classes=("horizontal", "vertical"), per_class=8, validation=4, seed=0):
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / "train" / name / f"{name}_{i}.png", label % 2, rng)
+        for i in range(validation):
+            write_image(root / "validation" / name / f"{name}_v{i}.jpg", label % 2, rng)
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "stripes")
+
+
+@pytest.fixture
+def real_weights():
+    """Skip unless KERAS_HOME holds the real MobileNet 0.25 ImageNet checkpoint."""
+    if not MOBILENET_025.is_file():
+        pytest.skip(f"real ImageNet checkpoint not found at {MOBILENET_025} (../shared absent)")
+
+
+@pytest.fixture
+def real_cats_dogs():
+    if not CATS_DOGS.is_dir():
+        pytest.skip(f"real data set not found at {CATS_DOGS} (../shared absent)")
+    return CATS_DOGS
+
+
+@pytest.fixture
+def tiny_config(dataset, tmp_path):
+    from transfer.config import resolve
+
+    def build(**overrides):
+        settings = dict(data=str(dataset), backbone=TINY_BACKBONE, weights="none",
+                        image_size=TINY_SIZE, batch_size=4, epochs=2, fine_tune_epochs=2,
+                        fine_tune_learning_rate=1e-3, runs_dir=str(tmp_path / "runs"))
+        return resolve(None, settings | overrides)
+
+    return build

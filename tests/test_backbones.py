@@ -1,0 +1,70 @@
+import importlib
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import KERAS_HOME
+from transfer.backbones import BACKBONES, _weights_help, cut_index, get_spec, preprocessing_layers
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_row_builds_at_its_minimum_size_with_its_cut(name):
+    spec = BACKBONES[name]
+    backbone = spec.build(spec.min_size, weights=None)
+    assert backbone.input_shape == (None, spec.min_size, spec.min_size, 3)
+    start = cut_index(backbone, spec.cut)
+    trainable_after_cut = [w for layer in backbone.layers[start:] for w in layer.weights]
+    assert 0 < start < len(backbone.layers)
+    assert trainable_after_cut, f"{name}: nothing to fine-tune after {spec.cut}"
+    keras.backend.clear_session()
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_preprocessing_layer_matches_keras_preprocess_input(name):
+    spec = BACKBONES[name]
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    module = importlib.import_module(f"keras.applications.{spec.module}")
+    expected = module.preprocess_input(pixels.copy())
+    got = pixels
+    for layer in preprocessing_layers(spec.preprocessing):
+        got = layer(got)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_backbone_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="vgg16, vgg19, resnet50"):
+        get_spec("vgg17")
+
+
+def test_unknown_cut_prefix_is_a_clear_error():
+    backbone = get_spec("mobilenet_025").build(32, weights=None)
+    with pytest.raises(ValueError, match="No layer .* starts with 'block99_'"):
+        cut_index(backbone, "block99_")
+
+
+def test_failed_download_names_the_file_keras_wants(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    message = _weights_help("vgg16", "URL fetch failure on https://example.org/w/vgg16_notop.h5: "
+                                     "None -- [Errno -2] Name or service not known")
+    assert "vgg16_notop.h5" in message
+    assert str(tmp_path / "models") in message
+    assert "--weights none" in message
+
+
+def test_offline_imagenet_weights_fail_with_the_file_name():
+    try:  # KERAS_HOME (see conftest) holds no alpha 0.5 checkpoint
+        get_spec("mobilenet_050").build(224, weights="imagenet")
+    except FileNotFoundError as error:
+        assert "mobilenet_5_0_224_tf_no_top.h5" in str(error)
+        assert str(KERAS_HOME / "models") in str(error)
+    else:
+        pytest.skip("this machine can download ImageNet weights, so there is no offline failure")
+
+
+@pytest.mark.real
+def test_real_imagenet_checkpoint_loads_through_keras_home(real_weights):
+    backbone = get_spec("mobilenet_025").build(224, weights="imagenet")
+    assert backbone.count_params() == 218_544
+    # ImageNet weights are not random: the first conv kernel has structure, not Glorot noise.
+    assert float(np.abs(backbone.get_layer("conv1").kernel.numpy()).max()) > 0.5

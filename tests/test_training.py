@@ -1,0 +1,121 @@
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import BATCHNORM_BACKBONE, TINY_SIZE
+from transfer import data
+from transfer.backbones import cut_index, get_spec
+from transfer.config import Phase
+from transfer.model import backbone_of, build_classifier, load_model, set_trainable
+from transfer.train import fit_phases, train
+
+
+def _weights_by_layer(backbone):
+    return {layer.name: [w.numpy().copy() for w in layer.weights] for layer in backbone.layers}
+
+
+def _changed(before, after):
+    return {name for name in before
+            if any(not np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
+
+
+@pytest.fixture
+def tiny_model_and_data(dataset):
+    spec = get_spec(BATCHNORM_BACKBONE)
+    classes = data.class_names(dataset / "train")
+    model = build_classifier(spec, len(classes), TINY_SIZE, weights="none")
+    train_ds = data.pipeline(data.scan_split(dataset / "train", classes), TINY_SIZE, 4,
+                             shuffle_seed=0)
+    val_ds = data.pipeline(data.scan_split(dataset / "validation", classes), TINY_SIZE, 4)
+    return spec, model, train_ds, val_ds
+
+
+def test_phase_one_trains_the_head_only(tiny_model_and_data):
+    spec, model, train_ds, val_ds = tiny_model_and_data
+    backbone = backbone_of(model)
+    before, head_before = _weights_by_layer(backbone), model.get_layer("probabilities").get_weights()
+    fit_phases(model, [Phase("head", 2, 1e-2, None)], train_ds, val_ds, patience=5, verbose=0)
+    assert _changed(before, _weights_by_layer(backbone)) == set()
+    assert not np.array_equal(head_before[0], model.get_layer("probabilities").get_weights()[0])
+
+
+def test_phase_two_changes_only_layers_after_the_cut_and_no_batchnorm(tiny_model_and_data):
+    spec, model, train_ds, val_ds = tiny_model_and_data
+    backbone = backbone_of(model)
+    before = _weights_by_layer(backbone)
+    # Phase 2 alone: with a phase before it, weights that lose to that phase are rolled back.
+    history = fit_phases(model, [Phase("fine_tune", 2, 1e-2, spec.cut)], train_ds, val_ds,
+                         patience=5, verbose=0)
+    changed = _changed(before, _weights_by_layer(backbone))
+    start = cut_index(backbone, spec.cut)
+    after_cut = {layer.name for layer in backbone.layers[start:]}
+    batchnorm = {layer.name for layer in backbone.layers
+                 if isinstance(layer, keras.layers.BatchNormalization)}
+    assert changed, "phase 2 changed no backbone weight"
+    assert changed <= after_cut - batchnorm
+    assert [row["phase"] for row in history].count("fine_tune") >= 1
+    # BatchNorm moving statistics are untouched too (the backbone runs in inference mode).
+    for name in batchnorm:
+        for a, b in zip(before[name], _weights_by_layer(backbone)[name]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_set_trainable_freezes_batchnorm_and_everything_before_the_cut():
+    backbone = get_spec("resnet50").build(32, weights=None)
+    set_trainable(backbone, "conv5_")
+    trainable = {layer.name for layer in backbone.layers if layer.trainable and layer.weights}
+    assert trainable and all(name.startswith("conv5_") for name in trainable)
+    assert not any(name.endswith("_bn") for name in trainable)
+    set_trainable(backbone, None)
+    assert backbone.trainable_weights == []
+
+
+def test_train_writes_a_complete_run_directory(tiny_config, dataset):
+    run_dir = train(tiny_config(), verbose=0)
+    for name in ("config.json", "classes.json", "versions.json", "split.csv", "history.csv",
+                 "learning_curves.png", "model.keras", "summary.json", "bad_files.csv"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["image_size"] == TINY_SIZE and config["seed"] == 1337
+    assert json.loads((run_dir / "classes.json").read_text()) == ["horizontal", "vertical"]
+    assert "keras" in json.loads((run_dir / "versions.json").read_text())
+    with open(run_dir / "history.csv") as handle:
+        phases = [row["phase"] for row in csv.DictReader(handle)]
+    assert phases[0] == "head" and phases[-1] == "fine_tune"
+    assert (run_dir / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The saved model reloads in safe mode and predicts exactly as before.
+    model = load_model(run_dir / "model.keras")
+    images = np.random.default_rng(0).uniform(0, 255, (3, TINY_SIZE, TINY_SIZE, 3))
+    probabilities = model.predict(images, verbose=0)
+    assert np.abs(probabilities[0] - probabilities[1]).max() > 1e-6  # not a constant model
+    again = load_model(run_dir / "model.keras")
+    np.testing.assert_allclose(probabilities, again.predict(images, verbose=0), rtol=1e-6)
+    assert model.get_layer("preprocess_caffe") is not None
+
+
+def test_no_validation_folder_makes_a_saved_disjoint_split(tiny_config, dataset):
+    import shutil
+
+    shutil.rmtree(dataset / "validation")
+    run_dir = train(tiny_config(fine_tune_epochs=0, epochs=1, validation_split=0.25), verbose=0)
+    with open(run_dir / "split.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    train_paths = {r["path"] for r in rows if r["split"] == "train"}
+    val_paths = {r["path"] for r in rows if r["split"] == "validation"}
+    assert len(val_paths) == 4 and len(train_paths) == 12 and not train_paths & val_paths
+    with open(run_dir / "history.csv") as handle:
+        assert {row["phase"] for row in csv.DictReader(handle)} == {"head"}
+
+
+def test_unreadable_training_files_are_set_aside_and_reported(tiny_config, dataset):
+    (dataset / "train" / "vertical" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    run_dir = train(tiny_config(fine_tune_epochs=0, epochs=1), verbose=0)
+    with open(run_dir / "bad_files.csv") as handle:
+        bad = list(csv.DictReader(handle))
+    assert [row["path"].endswith("broken.jpg") for row in bad] == [True]
+    assert "broken.jpg" not in (run_dir / "split.csv").read_text()
+
