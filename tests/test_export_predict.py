@@ -1,0 +1,111 @@
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_SIZE, write_image
+from transfer import data
+from transfer.cli import main
+from transfer.export import export_savedmodel, next_version, read_classes
+from transfer.model import load_model
+from transfer.predict import Predictor, expand_paths, predict_paths
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import make_dataset
+    from transfer.config import resolve
+    from transfer.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    dataset = make_dataset(root / "stripes")
+    cfg = resolve(None, dict(data=str(dataset), backbone="vgg16", weights="none",
+                             image_size=TINY_SIZE, batch_size=4, epochs=2, fine_tune_epochs=0,
+                             runs_dir=str(root / "runs")))
+    return train(cfg, verbose=0), dataset
+
+
+def test_export_round_trip_and_versions_never_overwrite(trained_run, tmp_path):
+    run_dir, dataset = trained_run
+    model = load_model(run_dir / "model.keras")
+    images = np.stack([data.load_image(p, TINY_SIZE) for p in
+                       data.list_images(dataset / "validation")]).astype("float32")
+    first = export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes", images)
+    second = export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes", images)
+    assert (first.name, second.name) == ("1", "2")
+    assert next_version(tmp_path / "stripes") == 3
+    assert read_classes(second) == ["horizontal", "vertical"]
+    assert not [p for p in (tmp_path / "stripes").iterdir() if p.name.startswith(".tmp")]
+
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(first)).signatures["serving_default"](
+        images=tf.constant(images))
+    expected = model.predict(images, verbose=0)
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+    names = [name.decode() for name in served["class_name"].numpy()]
+    assert names == [["horizontal", "vertical"][i] for i in expected.argmax(axis=1)]
+
+    cli = shutil.which("saved_model_cli", path=str(Path(sys.executable).parent))
+    shown = subprocess.run([cli, "show", "--dir", str(first), "--all"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "serving_default" in shown and "images" in shown and "probabilities" in shown
+
+
+def test_export_cli_exports_the_newest_run_of_a_data_set(trained_run, tmp_path, capsys):
+    run_dir, _ = trained_run
+    assert main(["export", "--data", "stripes", "--runs-dir", str(run_dir.parent.parent),
+                 "--output", str(tmp_path)]) == 0
+    version = tmp_path / "stripes" / "1"
+    assert capsys.readouterr().out.strip() == str(version)
+    assert json.loads((version / "assets.extra" / "config.json").read_text())["backbone"] == "vgg16"
+
+
+def test_predict_keras_and_savedmodel_agree_and_report_bad_files(trained_run, tmp_path):
+    run_dir, dataset = trained_run
+    folder = tmp_path / "mixed"
+    shutil.copytree(dataset / "validation", folder)
+    (folder / "vertical" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    export = export_savedmodel(load_model(run_dir / "model.keras"), ["horizontal", "vertical"],
+                               tmp_path / "models" / "stripes")
+
+    paths = expand_paths([folder])
+    assert len(paths) == 9 and not any(p.name == "notes.txt" for p in paths)
+    from_keras = list(predict_paths(Predictor(run_dir), paths, batch_size=3))
+    from_savedmodel = list(predict_paths(Predictor(export.parent), paths, batch_size=4))
+    assert [r["label"] for r in from_keras] == [r["label"] for r in from_savedmodel]
+    bad = [r for r in from_keras if r["error"]]
+    assert [r["path"].endswith("corrupt.jpg") for r in bad] == [True]
+    good = [r for r in from_keras if not r["error"]]
+    assert len(good) == 8 and all(0.5 <= r["probability"] <= 1 for r in good)
+    assert all(len(r["top_k"]) == 2 for r in good)
+
+
+def test_predict_cli_writes_csv_and_json_and_exit_status(trained_run, tmp_path, capsys):
+    run_dir, dataset = trained_run
+    good = dataset / "validation" / "vertical" / "vertical_v0.jpg"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"")
+    assert main(["predict", "--model", str(run_dir / "model.keras"), str(good)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [row["path"] for row in rows] == [str(good)] and rows[0]["label"] in ("horizontal", "vertical")
+
+    out = tmp_path / "predictions.json"
+    status = main(["predict", "--model", str(run_dir), str(good), str(broken), "--output", str(out)])
+    rows = json.loads(out.read_text())
+    assert status == 1  # some file failed
+    assert rows[1]["error"] == "empty file" and rows[1]["label"] is None
+    assert rows[0]["top_k"][0]["label"] == rows[0]["label"]
+
+
+def test_predict_rejects_things_that_are_not_models(tmp_path, capsys):
+    write_image(tmp_path / "a.png", 0, np.random.default_rng(0))
+    assert main(["predict", "--model", str(tmp_path), str(tmp_path / "a.png")]) == 2
+    assert "is not a model; expected a .keras file" in capsys.readouterr().err
