@@ -150,6 +150,7 @@ def plot_learning_curves(history, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -160,8 +161,9 @@ def plot_learning_curves(history, path):
         for before, after in zip(history, history[1:]):
             if before["phase"] != after["phase"]:
                 axis.axvline(before["epoch"] + 0.5, color="gray", linestyle="--")
-                axis.text(before["epoch"] + 0.6, axis.get_ylim()[1], f"{after['phase']} →",
-                          va="top", color="gray")
+                axis.annotate(f"{after['phase']} →", (before["epoch"] + 0.6, 0.02),
+                              xycoords=("data", "axes fraction"), color="gray")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("epoch")
         axis.set_title(metric)
         axis.grid(alpha=0.3)
