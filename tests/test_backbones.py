@@ -68,3 +68,12 @@ def test_real_imagenet_checkpoint_loads_through_keras_home(real_weights):
     assert backbone.count_params() == 218_544
     # ImageNet weights are not random: the first conv kernel has structure, not Glorot noise.
     assert float(np.abs(backbone.get_layer("conv1").kernel.numpy()).max()) > 0.5
+
+
+def test_weights_path_loads_that_file(tmp_path):
+    spec = get_spec("resnet50")
+    source = spec.build(32, weights=None)
+    source.save_weights(tmp_path / "mine.weights.h5")
+    loaded = spec.build(32, weights=str(tmp_path / "mine.weights.h5"))
+    for a, b in zip(source.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)

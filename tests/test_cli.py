@@ -21,6 +21,14 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks(tmp_path, capsys):
     assert "epochs must be a positive integer" in capsys.readouterr().err
 
 
+def test_a_wrong_cut_fails_before_any_training(dataset, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["train", "--data", str(dataset), "--backbone", "vgg16", "--weights", "none",
+                 "--image-size", "32", "--fine-tune-from", "block9_", "--runs-dir", str(runs)]) == 2
+    assert "No layer of backbone 'vgg16' starts with 'block9_'" in capsys.readouterr().err
+    assert not runs.exists()
+
+
 def test_backbones_lists_the_table(capsys):
     assert main(["backbones"]) == 0
     lines = capsys.readouterr().out.splitlines()

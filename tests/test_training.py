@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BATCHNORM_BACKBONE, TINY_SIZE
+from conftest import BATCHNORM_BACKBONE, TINY_SIZE, make_dataset
 from transfer import data
 from transfer.backbones import cut_index, get_spec
 from transfer.config import Phase
@@ -73,14 +73,15 @@ def test_set_trainable_freezes_batchnorm_and_everything_before_the_cut():
     assert backbone.trainable_weights == []
 
 
-def test_train_writes_a_complete_run_directory(tiny_config, dataset):
-    run_dir = train(tiny_config(), verbose=0)
+def test_train_writes_a_complete_run_directory(tiny_config, tmp_path):
+    three_classes = make_dataset(tmp_path / "three", classes=("a", "b", "c"), per_class=4)
+    run_dir = train(tiny_config(data=str(three_classes)), verbose=0)
     for name in ("config.json", "classes.json", "versions.json", "split.csv", "history.csv",
                  "learning_curves.png", "model.keras", "summary.json", "bad_files.csv"):
         assert (run_dir / name).is_file(), name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["image_size"] == TINY_SIZE and config["seed"] == 1337
-    assert json.loads((run_dir / "classes.json").read_text()) == ["horizontal", "vertical"]
+    assert json.loads((run_dir / "classes.json").read_text()) == ["a", "b", "c"]
     assert "keras" in json.loads((run_dir / "versions.json").read_text())
     with open(run_dir / "history.csv") as handle:
         phases = [row["phase"] for row in csv.DictReader(handle)]
@@ -91,7 +92,11 @@ def test_train_writes_a_complete_run_directory(tiny_config, dataset):
     model = load_model(run_dir / "model.keras")
     images = np.random.default_rng(0).uniform(0, 255, (3, TINY_SIZE, TINY_SIZE, 3))
     probabilities = model.predict(images, verbose=0)
+    assert probabilities.shape == (3, 3)
     assert np.abs(probabilities[0] - probabilities[1]).max() > 1e-6  # not a constant model
+    # Augmentation belongs to the training pipeline, never to the saved model.
+    assert not [layer for layer in model.layers if layer.name.startswith("random")
+                or layer.name == "augmentation"]
     again = load_model(run_dir / "model.keras")
     np.testing.assert_allclose(probabilities, again.predict(images, verbose=0), rtol=1e-6)
     assert model.get_layer("preprocess_caffe") is not None

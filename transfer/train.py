@@ -18,8 +18,8 @@ def train(cfg, verbose="auto"):
     import keras
 
     from transfer import data
-    from transfer.backbones import get_spec
-    from transfer.model import build_classifier
+    from transfer.backbones import cut_index, get_spec
+    from transfer.model import backbone_of, build_classifier
 
     spec = get_spec(cfg.backbone)
     image_size = cfg.image_size or spec.default_size
@@ -33,6 +33,13 @@ def train(cfg, verbose="auto"):
         train_split, val_split = data.stratified_split(train_split, cfg.validation_split, cfg.seed)
         split_source = f"seeded stratified {cfg.validation_split:.0%} of train/"
 
+    # Built first: missing ImageNet weights stop the run before it writes anything.
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_classifier(spec, len(classes), image_size, cfg.weights, cfg.dropout)
+    phases = cfg.phases(spec.cut)
+    for phase in phases:  # a wrong --fine-tune-from fails now, not after phase 1
+        if phase.unfreeze_from:
+            cut_index(backbone_of(model), phase.unfreeze_from)
     run_dir = new_run_dir(Path(cfg.runs_dir) / data_name, cfg.backbone)
     log.info("Run directory: %s", run_dir)
     started = time.time()
@@ -55,12 +62,10 @@ def train(cfg, verbose="auto"):
                 + [("validation", p, classes[l]) for p, l in zip(val_split.paths, val_split.labels)])
     _write_rows(run_dir / "bad_files.csv", ("path", "reason"), bad)
 
-    keras.utils.set_random_seed(cfg.seed)
-    model = build_classifier(spec, len(classes), image_size, cfg.weights, cfg.dropout)
     train_ds = data.pipeline(train_split, image_size, cfg.batch_size,
                              augment=data.augmentation(cfg), shuffle_seed=cfg.seed)
     val_ds = data.pipeline(val_split, image_size, cfg.batch_size)
-    history = fit_phases(model, cfg.phases(spec.cut), train_ds, val_ds, cfg.patience, verbose)
+    history = fit_phases(model, phases, train_ds, val_ds, cfg.patience, verbose)
 
     model.save(run_dir / "model.keras")
     _write_rows(run_dir / "history.csv", HISTORY_FIELDS,
