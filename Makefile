@@ -1,4 +1,5 @@
 # make install; make train DATA=cats_dogs [BACKBONE=...] [CONFIG=file.yaml] [ARGS="--epochs 5"]
+# make train DATA=cats_dogs RESUME=1 continues the newest interrupted run; make check DATA=...
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,9 +8,9 @@ RUN ?=
 IMAGES ?= data/$(DATA)/validation
 
 TRAIN_FLAGS := --data $(DATA) $(if $(BACKBONE),--backbone $(BACKBONE)) \
-	$(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+	$(if $(CONFIG),--config $(CONFIG)) $(if $(RESUME),--resume) $(ARGS)
 
-.PHONY: install train export predict backbones test clean-venv
+.PHONY: install train check export predict backbones test clean-venv
 
 install: $(VENV)/.installed
 
@@ -21,6 +22,9 @@ $(VENV)/.installed: requirements.txt
 
 train: install
 	$(PY) -m transfer train $(TRAIN_FLAGS)
+
+check: install
+	$(PY) -m transfer check $(DATA)
 
 export: install
 	$(PY) -m transfer export $(if $(RUN),--run $(RUN),--data $(DATA))

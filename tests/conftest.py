@@ -21,6 +21,7 @@ KERAS_HOME = Path(tempfile.mkdtemp(prefix="transfer-keras-home-"))
 if MOBILENET_025.is_file():
     shutil.copy(MOBILENET_025, KERAS_HOME / "models" / MOBILENET_025.name)
 os.environ["KERAS_HOME"] = str(KERAS_HOME)
+os.environ["TRANSFER_CACHE_HOME"] = tempfile.mkdtemp(prefix="transfer-cache-")
 
 # Small and fast at 32 px, and (unlike MobileNets, whose random-init activations vanish) its
 # random-init features differ between images, so outputs and round trips are meaningful.
@@ -47,6 +48,16 @@ def make_dataset(root, classes=("horizontal", "vertical"), per_class=8, validati
         for i in range(validation):
             write_image(root / "validation" / name / f"{name}_v{i}.jpg", label % 2, rng)
     return root
+
+
+def split_of(folder, classes):
+    """A data.Split of every image under folder/<class>/, unchecked."""
+    from transfer.check import scan_split
+    from transfer.data import Split
+
+    listings = scan_split(folder, classes)
+    pairs = [(str(p), label) for label, name in enumerate(classes) for p in listings[name].images]
+    return Split(tuple(p for p, _ in pairs), tuple(label for _, label in pairs))
 
 
 @pytest.fixture

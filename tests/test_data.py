@@ -1,15 +1,13 @@
 import functools
 import http.server
-import io
 import threading
 import zipfile
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import make_dataset
+from conftest import make_dataset, split_of
 from transfer import data
+from transfer.check import list_images
 
 
 def test_dataset_by_name_under_transfer_data_home(tmp_path, monkeypatch):
@@ -63,7 +61,7 @@ def test_download_checks_size_and_checksum_then_unpacks(tmp_path, monkeypatch):
         monkeypatch.setenv("TRANSFER_DATA_HOME", str(tmp_path / "home"))
         name, folder = data.resolve_dataset("pets")
         assert sorted(p.name for p in folder.iterdir()) == ["train", "validation"]
-        assert len(data.list_images(folder)) == 10
+        assert len(list_images(folder).images) == 10
 
         bad = data.Download(url, archive.stat().st_size, "0" * 64, "pets_filtered")
         monkeypatch.setitem(data.KNOWN_DATASETS, "pets2", bad)
@@ -79,21 +77,8 @@ def test_cats_dogs_checksum_matches_the_real_files(real_cats_dogs):
     assert data.manifest_sha256(real_cats_dogs) == data.KNOWN_DATASETS["cats_dogs"].manifest_sha256
 
 
-def test_folder_problems_are_clear_errors(tmp_path):
-    (tmp_path / "one" / "train" / "cats").mkdir(parents=True)
-    with pytest.raises(ValueError, match="expected at least two"):
-        data.class_names(tmp_path / "one" / "train")
-    root = make_dataset(tmp_path / "ds")
-    (root / "train" / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no images"):
-        data.scan_split(root / "train", data.class_names(root / "train"))
-    (root / "validation" / "zebras").mkdir()
-    with pytest.raises(ValueError, match="zebras that train/ lacks"):
-        data.scan_split(root / "validation", ["horizontal", "vertical"])
-
-
 def test_stratified_split_is_seeded_and_disjoint(dataset):
-    split = data.scan_split(dataset / "train", ["horizontal", "vertical"])
+    split = split_of(dataset / "train", ["horizontal", "vertical"])
     train, val = data.stratified_split(split, 0.25, seed=3)
     again, _ = data.stratified_split(split, 0.25, seed=3)
     assert train == again
@@ -102,24 +87,12 @@ def test_stratified_split_is_seeded_and_disjoint(dataset):
     assert sorted(val.labels) == [0, 0, 1, 1]
 
 
-def test_load_image_handles_modes_and_reports_bad_files(tmp_path):
-    Image.new("RGBA", (10, 6), (255, 0, 0, 0)).save(tmp_path / "clear.png")
-    Image.new("L", (5, 5), 80).save(tmp_path / "gray.jpg")
-    (tmp_path / "notes.jpg").write_text("not a picture")
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (0, 0, 255)).save(buffer, "JPEG")
-    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[:300])
-
-    clear = data.load_image(tmp_path / "clear.png", 8)
-    assert clear.shape == (8, 8, 3) and clear.dtype == np.uint8
-    assert (clear == 255).all()  # transparent pixels composited on white
-    assert (data.load_image(tmp_path / "gray.jpg", 8) == 80).all()
-    with pytest.raises(data.ImageError, match="not an image"):
-        data.load_image(tmp_path / "notes.jpg", 8)
-    with pytest.raises(data.ImageError, match="empty file"):
-        data.load_image(tmp_path / "empty.jpg", 8)
-    with pytest.raises(data.ImageError, match="cannot decode"):
-        data.load_image(tmp_path / "cut.jpg", 8)
-    good, bad = data.check_images([tmp_path / n for n in ("gray.jpg", "notes.jpg", "clear.png")], 8)
-    assert good == [0, 2] and [path.name for path, _ in bad] == ["notes.jpg"]
+def test_class_weights_balance_only_imbalanced_classes():
+    assert data.class_weights([0, 0, 1, 1], 2, "auto") is None
+    weights = data.class_weights([0] * 8 + [1] * 2, 2, "auto")
+    assert weights == {0: 10 / 16, 1: 10 / 4}
+    assert 8 * weights[0] == 2 * weights[1]  # each class carries the same total weight
+    assert data.class_weights([0, 0, 1, 1], 2, "balanced") == {0: 1.0, 1: 1.0}
+    assert data.class_weights([0] * 8 + [1] * 2, 2, "none") is None
+    with pytest.raises(ValueError, match="auto, balanced, none"):
+        data.class_weights([0, 1], 2, "equal")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_SIZE, write_image
-from transfer import data
+from transfer.check import list_images
+from transfer.images import load_image
 from transfer.cli import main
 from transfer.export import export_savedmodel, next_version, read_classes
 from transfer.model import load_model
@@ -34,8 +35,8 @@ def trained_run(tmp_path_factory):
 def test_export_round_trip_and_versions_never_overwrite(trained_run, tmp_path):
     run_dir, dataset = trained_run
     model = load_model(run_dir / "model.keras")
-    images = np.stack([data.load_image(p, TINY_SIZE) for p in
-                       data.list_images(dataset / "validation")]).astype("float32")
+    images = np.stack([load_image(p, TINY_SIZE) for p in
+                       list_images(dataset / "validation").images]).astype("float32")
     first = export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes", images)
     second = export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes", images)
     assert (first.name, second.name) == ("1", "2")
@@ -76,8 +77,8 @@ def test_predict_keras_and_savedmodel_agree_and_report_bad_files(trained_run, tm
     export = export_savedmodel(load_model(run_dir / "model.keras"), ["horizontal", "vertical"],
                                tmp_path / "models" / "stripes")
 
-    paths = expand_paths([folder])
-    assert len(paths) == 9 and not any(p.name == "notes.txt" for p in paths)
+    paths, problems = expand_paths([folder])
+    assert len(paths) == 9 and problems == [] and not any(p.name == "notes.txt" for p in paths)
     from_keras = list(predict_paths(Predictor(run_dir), paths, batch_size=3))
     from_savedmodel = list(predict_paths(Predictor(export.parent), paths, batch_size=4))
     assert [r["label"] for r in from_keras] == [r["label"] for r in from_savedmodel]
@@ -101,7 +102,7 @@ def test_predict_cli_writes_csv_and_json_and_exit_status(trained_run, tmp_path, 
     status = main(["predict", "--model", str(run_dir), str(good), str(broken), "--output", str(out)])
     rows = json.loads(out.read_text())
     assert status == 1  # some file failed
-    assert rows[1]["error"] == "empty file" and rows[1]["label"] is None
+    assert rows[1]["error"] == "zero bytes" and rows[1]["label"] is None
     assert rows[0]["top_k"][0]["label"] == rows[0]["label"]
 
 

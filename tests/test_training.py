@@ -5,8 +5,9 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BATCHNORM_BACKBONE, TINY_SIZE, make_dataset
+from conftest import BATCHNORM_BACKBONE, TINY_SIZE, make_dataset, split_of
 from transfer import data
+from transfer.check import class_names
 from transfer.backbones import cut_index, get_spec
 from transfer.config import Phase
 from transfer.model import backbone_of, build_classifier, load_model, set_trainable
@@ -25,30 +26,31 @@ def _changed(before, after):
 @pytest.fixture
 def tiny_model_and_data(dataset):
     spec = get_spec(BATCHNORM_BACKBONE)
-    classes = data.class_names(dataset / "train")
+    classes = class_names(dataset / "train")
     model = build_classifier(spec, len(classes), TINY_SIZE, weights="none")
-    train_ds = data.pipeline(data.scan_split(dataset / "train", classes), TINY_SIZE, 4,
-                             shuffle_seed=0)
-    val_ds = data.pipeline(data.scan_split(dataset / "validation", classes), TINY_SIZE, 4)
+    train_ds = data.pipeline(split_of(dataset / "train", classes), TINY_SIZE, 4, shuffle_seed=0)
+    val_ds = data.pipeline(split_of(dataset / "validation", classes), TINY_SIZE, 4)
     return spec, model, train_ds, val_ds
 
 
-def test_phase_one_trains_the_head_only(tiny_model_and_data):
+def test_phase_one_trains_the_head_only(tiny_model_and_data, tmp_path):
     spec, model, train_ds, val_ds = tiny_model_and_data
     backbone = backbone_of(model)
     before, head_before = _weights_by_layer(backbone), model.get_layer("probabilities").get_weights()
-    fit_phases(model, [Phase("head", 2, 1e-2, None)], train_ds, val_ds, patience=5, verbose=0)
+    fit_phases(model, [Phase("head", 2, 1e-2, None)], train_ds, val_ds, tmp_path, patience=5,
+               verbose=0)
     assert _changed(before, _weights_by_layer(backbone)) == set()
     assert not np.array_equal(head_before[0], model.get_layer("probabilities").get_weights()[0])
 
 
-def test_phase_two_changes_only_layers_after_the_cut_and_no_batchnorm(tiny_model_and_data):
+def test_phase_two_changes_only_layers_after_the_cut_and_no_batchnorm(tiny_model_and_data,
+                                                                     tmp_path):
     spec, model, train_ds, val_ds = tiny_model_and_data
     backbone = backbone_of(model)
     before = _weights_by_layer(backbone)
     # Phase 2 alone: with a phase before it, weights that lose to that phase are rolled back.
     history = fit_phases(model, [Phase("fine_tune", 2, 1e-2, spec.cut)], train_ds, val_ds,
-                         patience=5, verbose=0)
+                         tmp_path, patience=5, verbose=0)
     changed = _changed(before, _weights_by_layer(backbone))
     start = cut_index(backbone, spec.cut)
     after_cut = {layer.name for layer in backbone.layers[start:]}

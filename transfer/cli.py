@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from transfer.config import FLIP_MODES, WEIGHT_CHOICES
+from transfer.data import CLASS_WEIGHT_MODES
 
 log = logging.getLogger("transfer")
 
@@ -58,7 +59,19 @@ def build_parser():
     train.add_argument("--flip", choices=FLIP_MODES)
     for name in ("rotation", "zoom", "translation", "contrast"):
         train.add_argument(f"--{name}", type=float, help=f"{name} augmentation factor")
+    train.add_argument("--class-weights", choices=CLASS_WEIGHT_MODES,
+                       help="auto (default): balance the loss over classes when they are "
+                            "imbalanced; balanced: always; none: never")
     train.add_argument("--runs-dir", help="where run directories go (default: runs)")
+    train.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                       help="continue an interrupted run (default: the newest unfinished run "
+                            "of --data) with its own config and split")
+
+    check = commands.add_parser("check", help="check every image of a data set, without training")
+    check.set_defaults(command=cmd_check)
+    check.add_argument("data", help="data set name or folder")
+    check.add_argument("--quarantine", metavar="DIR",
+                       help="move the files that fail into DIR (kept, never deleted)")
 
     backbones = commands.add_parser("backbones", help="list the backbone table")
     backbones.set_defaults(command=cmd_backbones)
@@ -81,6 +94,9 @@ def build_parser():
     predict.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     predict.add_argument("--output", help="write CSV or JSON (by suffix) here instead of stdout")
     predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--classes", help="the class names you expect the model to have "
+                                           "(comma-separated, or a file of names); a model "
+                                           "with other classes is an error")
     predict.add_argument("--batch-size", type=int, default=32)
     return parser
 
@@ -89,13 +105,51 @@ def cmd_train(args):
     from transfer import config
 
     overrides = {key: value for key, value in vars(args).items()
-                 if key in config.field_names()}
+                 if key in config.field_names() and value is not None}
+    verbose = 1 if sys.stdout.isatty() else 2
+    if args.resume:
+        given = sorted(set(overrides) - {"data", "runs_dir"}) + (["config"] if args.config else [])
+        if given:
+            raise ValueError(f"--resume continues a run with its own settings; drop "
+                             f"{', '.join('--' + key.replace('_', '-') for key in given)}.")
+        from transfer.train import latest_run, resume
+
+        run_dir = args.resume
+        if run_dir == "latest":
+            cfg = config.resolve(None, overrides)
+            data_name = Path(cfg.data).resolve().name if Path(cfg.data).is_dir() else cfg.data
+            run_dir = latest_run(Path(cfg.runs_dir) / data_name, finished=False)
+        resume(run_dir, verbose)
+        return
     settings = config.load_file(args.config) if args.config else None
     cfg = config.resolve(settings, overrides)
 
     from transfer.train import train
 
-    train(cfg, verbose=1 if sys.stdout.isatty() else 2)
+    train(cfg, verbose)
+
+
+def cmd_check(args):
+    from transfer import check
+    from transfer.data import resolve_dataset
+
+    data_name, data_dir = resolve_dataset(args.data)
+    classes = check.class_names(data_dir / "train")
+    cache = check.cache_file_for(data_dir)
+    reports = [check.check_split("train", data_dir / "train", classes, cache)]
+    if (data_dir / "validation").is_dir():
+        reports.append(check.check_split("validation", data_dir / "validation", classes, cache,
+                                         require_all=False))
+    bad = [item for report in reports for item in report.bad]
+    for path, reason in bad:
+        print(f"{path}\t{reason}")
+    for message in check.warnings_for(reports):
+        print(f"warning: {message}", file=sys.stderr)
+    print(check.summary_line(data_name, classes, reports))
+    if args.quarantine:
+        moved = check.quarantine(bad, data_dir, Path(args.quarantine))
+        print(f"moved {len(moved)} file(s) to {args.quarantine}")
+    return 1 if bad else 0
 
 
 def cmd_backbones(args):
@@ -140,7 +194,7 @@ def _validation_sample(run_dir, size, count=8):
 
     import numpy as np
 
-    from transfer.data import ImageError, load_image
+    from transfer.images import ImageError, load_image
 
     images = []
     with open(run_dir / "split.csv", newline="") as handle:
@@ -154,16 +208,20 @@ def _validation_sample(run_dir, size, count=8):
 
 
 def cmd_predict(args):
-    from transfer.predict import Predictor, expand_paths, predict_paths, write_rows
+    from transfer.predict import (Predictor, check_classes, error_row, expand_paths,
+                                  predict_paths, write_rows)
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be positive; received {args.top_k} "
                          f"and {args.batch_size}.")
-    predictor = Predictor(args.model)
-    paths = expand_paths(args.images)
-    if not paths:
+    paths, problems = expand_paths(args.images)
+    if not paths and not problems:
         raise FileNotFoundError(f"No images found in {', '.join(args.images)}.")
-    rows = list(predict_paths(predictor, paths, args.batch_size, args.top_k))
+    predictor = Predictor(args.model)
+    if args.classes:
+        check_classes(predictor, args.classes)
+    rows = [error_row(path, reason) for path, reason in problems]
+    rows += predict_paths(predictor, paths, args.batch_size, args.top_k)
     fmt = "json" if args.output and args.output.endswith(".json") else "csv"
     if args.output:
         with open(args.output, "w", newline="") as handle:

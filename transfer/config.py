@@ -34,6 +34,7 @@ class TrainConfig:
     patience: int = 3
     validation_split: float = 0.2  # used only when the data set has no validation/ folder
     seed: int = 1337
+    class_weights: str = "auto"  # auto: balance the classes only when they are imbalanced
     augment: bool = True
     flip: str = "horizontal"
     rotation: float = 0.1
@@ -52,6 +53,16 @@ class TrainConfig:
 
     def validate(self):
         """Raise ValueError for values no training run could use."""
+        from transfer.backbones import get_spec
+        from transfer.data import CLASS_WEIGHT_MODES
+
+        spec = get_spec(self.backbone)
+        if self.image_size is not None and self.image_size < spec.min_size:
+            raise ValueError(f"image_size {self.image_size} is below backbone {spec.name!r}'s "
+                             f"minimum of {spec.min_size}; use {spec.min_size} or more.")
+        if self.class_weights not in CLASS_WEIGHT_MODES:
+            raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHT_MODES)}; "
+                             f"received {self.class_weights!r}.")
         for key in ("batch_size", "epochs", "patience", "seed"):
             if getattr(self, key) < (0 if key == "seed" else 1):
                 raise ValueError(f"{key} must be a positive integer; received {getattr(self, key)}.")

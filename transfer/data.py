@@ -1,9 +1,8 @@
-"""Image folders: find a data set, list and check its files, split it, feed it to Keras.
+"""Data sets: find or download one, split it, weight its classes, feed it to Keras.
 
 A data set is a folder holding train/<class>/* and optionally validation/<class>/*.
 """
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import logging
@@ -16,12 +15,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+
+from transfer.images import IMAGE_EXTENSIONS, load_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
-MAX_IMAGE_PIXELS = 64_000_000  # larger declared sizes are rejected before decoding
+CLASS_WEIGHT_MODES = ("auto", "balanced", "none")
+IMBALANCE_RATIO = 1.5  # "auto" weights classes when the largest is this much bigger than the smallest
 CACHE_BUDGET_BYTES = 2 * 1024**3  # decoded images kept in memory up to this size
 
 
@@ -43,10 +43,6 @@ KNOWN_DATASETS = {
         folder="cats_and_dogs_filtered",
     ),
 }
-
-
-class ImageError(ValueError):
-    """A file that cannot be used as an image; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,113 +128,6 @@ def manifest_sha256(folder):
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def is_image_file(path):
-    path = Path(path)
-    return (not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-            and path.is_file())
-
-
-def list_images(folder):
-    """Image files under `folder` (recursively), sorted, hidden files skipped."""
-    folder = Path(folder)
-    return sorted(path for path in folder.rglob("*")
-                  if is_image_file(path) and not any(p.startswith(".") for p in path.parts[-2:]))
-
-
-def class_names(train_dir):
-    """Sorted class folder names under train_dir; ValueError if there are fewer than two."""
-    train_dir = Path(train_dir)
-    if not train_dir.is_dir():
-        raise FileNotFoundError(f"{train_dir} does not exist; expected {train_dir}/<class>/*.jpg.")
-    names = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(names) < 2:
-        raise ValueError(
-            f"{train_dir} has {len(names)} class folder(s) ({', '.join(names) or 'none'}); "
-            f"expected at least two: {train_dir}/<class>/*.jpg.")
-    return names
-
-
-def scan_split(split_dir, classes):
-    """A Split of every image in split_dir/<class>/ for the given classes."""
-    split_dir = Path(split_dir)
-    extra = sorted(p.name for p in split_dir.iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
-    if extra:
-        raise ValueError(f"{split_dir} has class folders {', '.join(extra)} that train/ lacks; "
-                         f"expected only {', '.join(classes)}.")
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = list_images(split_dir / name) if (split_dir / name).is_dir() else []
-        if not files:
-            raise ValueError(f"Class folder {split_dir / name} holds no images "
-                             f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder.")
-        paths += [str(p) for p in files]
-        labels += [label] * len(files)
-    return Split(tuple(paths), tuple(labels))
-
-
-def load_image(path, size):
-    """Decode an image file to a (size, size, 3) uint8 RGB array, or raise ImageError.
-
-    EXIF orientation is applied; alpha is composited on white; animations give their first
-    frame; 16-bit and other modes are converted to 8-bit RGB.
-    """
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"too large: {width}x{height} pixels "
-                                 f"(limit {MAX_IMAGE_PIXELS:,})")
-            image.seek(0)
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except Image.UnidentifiedImageError:
-        reason = "empty file" if Path(path).stat().st_size == 0 else "not an image"
-        raise ImageError(reason) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageError(f"cannot decode: {error}") from None
-
-
-def _to_rgb(image):
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if array.max() > 255 else 1.0
-        image = Image.fromarray(np.clip(array / scale, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def check_images(paths, size, workers=None):
-    """Decode every file once; returns (indices of good files, [(path, reason)] of bad ones)."""
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    good, bad = [], []
-
-    def attempt(path):
-        try:
-            load_image(path, size)
-            return None
-        except ImageError as error:
-            return str(error)
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for index, (path, reason) in enumerate(zip(paths, pool.map(attempt, paths))):
-            if reason is None:
-                good.append(index)
-            else:
-                bad.append((path, reason))
-    return good, bad
-
-
 def stratified_split(split, fraction, seed):
     """Seeded stratified (train, validation) split of a Split; the two never overlap."""
     from sklearn.model_selection import train_test_split
@@ -247,6 +136,22 @@ def stratified_split(split, fraction, seed):
         list(split.paths), list(split.labels), test_size=fraction, random_state=seed,
         stratify=list(split.labels))
     return Split(tuple(train_paths), tuple(train_labels)), Split(tuple(val_paths), tuple(val_labels))
+
+
+def class_weights(labels, num_classes, mode="auto"):
+    """{label: weight} that balances the classes' total weight, or None when not wanted.
+
+    "balanced" always weights; "auto" weights only when the largest class has at least
+    IMBALANCE_RATIO times the images of the smallest; "none" never does.
+    """
+    if mode not in CLASS_WEIGHT_MODES:
+        raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHT_MODES)}; "
+                         f"received {mode!r}.")
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    if mode == "none" or (mode == "auto" and counts.max() < IMBALANCE_RATIO * counts.min()):
+        return None
+    return {label: float(len(labels) / (num_classes * count))
+            for label, count in enumerate(counts) if count}
 
 
 def augmentation(cfg):
@@ -279,7 +184,7 @@ def pipeline(split, size, batch_size, augment=None, shuffle_seed=None):
     import tensorflow as tf
 
     def decode(path):
-        return load_image(path.decode(), size)
+        return load_image(os.fsdecode(path), size)
 
     def load(path, label):
         image = tf.numpy_function(decode, [path], tf.uint8, stateful=False)
@@ -287,7 +192,7 @@ def pipeline(split, size, batch_size, augment=None, shuffle_seed=None):
         return image, label
 
     dataset = tf.data.Dataset.from_tensor_slices(
-        (list(split.paths), np.asarray(split.labels, dtype=np.int32)))
+        ([os.fsencode(path) for path in split.paths], np.asarray(split.labels, dtype=np.int32)))
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if len(split) * size * size * 3 <= CACHE_BUDGET_BYTES:
         dataset = dataset.cache()

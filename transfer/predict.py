@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer.data import ImageError, list_images, load_image
+from transfer.check import list_images
+from transfer.images import ImageError, load_image
 
 MODEL_FORMATS = ("a .keras file with classes.json beside it", "a run directory holding model.keras",
                  "a SavedModel version folder", "a SavedModel model folder of integer versions")
@@ -64,11 +65,35 @@ class Predictor:
 
 
 def expand_paths(inputs):
-    """Files as given (a bad one gets an error row) plus images found in folders, recursively."""
-    paths = []
+    """(paths, problems): files as given plus images found in folders, recursively, and
+    (path, reason) for links that were not followed. A bad file gets its error row later."""
+    paths, problems = [], []
     for item in map(Path, inputs):
-        paths += list_images(item) if item.is_dir() else [item]
-    return paths
+        if item.is_dir():
+            listing = list_images(item)
+            paths += listing.images
+            problems += listing.problems
+        else:
+            paths.append(item)
+    return paths, problems
+
+
+def check_classes(predictor, expected):
+    """ValueError unless `expected` (names, or a file of them) are the model's classes."""
+    path = Path(expected)
+    if path.is_file():
+        text = path.read_text()
+        names = json.loads(text) if path.suffix == ".json" else text.split()
+    else:
+        names = [name.strip() for name in expected.split(",") if name.strip()]
+    if sorted(names) != sorted(predictor.classes):
+        raise ValueError(f"The model at {predictor.path} was trained on classes "
+                         f"{', '.join(predictor.classes)}; --classes gives {', '.join(names)}. "
+                         "Use the model trained for these classes, or drop --classes.")
+
+
+def error_row(path, error):
+    return {"path": str(path), "label": None, "probability": None, "top_k": [], "error": error}
 
 
 def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=4):
@@ -89,8 +114,7 @@ def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=4):
             probabilities = iter(predictor.predict(np.stack(good)) if good else [])
             for path, (image, error) in zip(chunk, decoded):
                 if error is not None:
-                    yield {"path": str(path), "label": None, "probability": None, "top_k": [],
-                           "error": error}
+                    yield error_row(path, error)
                     continue
                 scores = next(probabilities)
                 order = np.argsort(scores)[::-1][:top_k]

@@ -1,129 +1,281 @@
-"""fit_phases(): one loop over Phase objects, and the run directory it writes."""
+"""train() and resume(): a run directory, checked data, and fit_phases() over Phase objects.
+
+Every file in a run directory is written atomically. After each epoch the history, the best
+weights so far and Keras's BackupAndRestore checkpoint are on disk, so an interrupted run
+loses at most the epoch it was in; resume() continues it with the same split and config.
+"""
 
 import csv
 import json
 import logging
+import math
 import platform
 import time
 from pathlib import Path
+
+import keras
+import numpy as np
+
+from transfer.files import atomic_path, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
                   "learning_rate")
+BEST_WEIGHTS = "best.weights.npz"
+STATE = "state.json"
 
 
 def train(cfg, verbose="auto"):
-    """Train a classifier as `cfg` says; returns the run directory."""
-    import keras
-
-    from transfer import data
-    from transfer.backbones import cut_index, get_spec
-    from transfer.model import backbone_of, build_classifier
+    """Train a classifier as `cfg` says in a new run directory, which it returns."""
+    from transfer import check, data
+    from transfer.backbones import get_spec
 
     spec = get_spec(cfg.backbone)
     image_size = cfg.image_size or spec.default_size
     data_name, data_dir = data.resolve_dataset(cfg.data)
-    classes = data.class_names(data_dir / "train")
-    train_split = data.scan_split(data_dir / "train", classes)
-    if (data_dir / "validation").is_dir():
-        val_split = data.scan_split(data_dir / "validation", classes)
-        split_source = "validation/ folder"
-    else:
-        train_split, val_split = data.stratified_split(train_split, cfg.validation_split, cfg.seed)
-        split_source = f"seeded stratified {cfg.validation_split:.0%} of train/"
+    classes = check.class_names(data_dir / "train")
+    # Built before anything is written: missing ImageNet weights or a wrong cut stop it here.
+    model = _build(cfg, spec, len(classes), image_size)
 
-    # Built first: missing ImageNet weights stop the run before it writes anything.
-    keras.utils.set_random_seed(cfg.seed)
-    model = build_classifier(spec, len(classes), image_size, cfg.weights, cfg.dropout)
-    phases = cfg.phases(spec.cut)
-    for phase in phases:  # a wrong --fine-tune-from fails now, not after phase 1
-        if phase.unfreeze_from:
-            cut_index(backbone_of(model), phase.unfreeze_from)
-    run_dir = new_run_dir(Path(cfg.runs_dir) / data_name, cfg.backbone)
-    log.info("Run directory: %s", run_dir)
     started = time.time()
-    train_split, bad_train = _drop_bad(train_split, image_size)
-    val_split, bad_val = _drop_bad(val_split, image_size)
-    bad = bad_train + bad_val
-    log.info("Data %s: %d classes (%s); %d training and %d validation images (%s); "
-             "%d unreadable file(s) set aside, checked in %.1f s",
-             data_dir, len(classes), ", ".join(classes), len(train_split), len(val_split),
-             split_source, len(bad), time.time() - started)
-    for path, reason in bad:
+    reports = [check.check_split("train", data_dir / "train", classes, check.cache_file_for(data_dir))]
+    if (data_dir / "validation").is_dir():
+        reports.append(check.check_split("validation", data_dir / "validation", classes,
+                                         check.cache_file_for(data_dir), require_all=False))
+    log.info("%s (checked in %.1f s)", check.summary_line(data_name, classes, reports),
+             time.time() - started)
+    for message in check.warnings_for(reports):
+        log.warning("Warning: %s", message)
+    for path, reason in (item for report in reports for item in report.bad):
         log.warning("Set aside %s: %s", path, reason)
 
-    resolved = cfg.to_dict() | {"image_size": image_size, "data_dir": str(data_dir)}
-    _write_json(run_dir / "config.json", resolved)
-    _write_json(run_dir / "classes.json", classes)
-    _write_json(run_dir / "versions.json", library_versions())
-    _write_rows(run_dir / "split.csv", ("split", "path", "label"),
-                [("train", p, classes[l]) for p, l in zip(train_split.paths, train_split.labels)]
-                + [("validation", p, classes[l]) for p, l in zip(val_split.paths, val_split.labels)])
-    _write_rows(run_dir / "bad_files.csv", ("path", "reason"), bad)
+    train_split = _split(reports[0], classes)
+    if len(reports) == 2:
+        val_split = _split(reports[1], classes)
+    else:
+        train_split, val_split = data.stratified_split(train_split, cfg.validation_split, cfg.seed)
+        log.info("No validation/ folder: a seeded stratified %.0f%% of train/ validates "
+                 "(%d images)", 100 * cfg.validation_split, len(val_split))
 
+    run_dir = new_run_dir(Path(cfg.runs_dir) / data_name, cfg.backbone)
+    log.info("Run directory: %s", run_dir)
+    write_json(run_dir / "config.json", cfg.to_dict() | {"image_size": image_size,
+                                                         "data_dir": str(data_dir)})
+    write_json(run_dir / "classes.json", classes)
+    write_json(run_dir / "versions.json", library_versions())
+    write_csv(run_dir / "bad_files.csv", ("path", "reason"),
+              [(path, reason) for report in reports for path, reason in report.bad])
+    write_csv(run_dir / "split.csv", ("split", "path", "label"),
+              [("train", p, classes[l]) for p, l in zip(train_split.paths, train_split.labels)]
+              + [("validation", p, classes[l]) for p, l in zip(val_split.paths, val_split.labels)])
+    return _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose)
+
+
+def resume(run_dir, verbose="auto"):
+    """Continue an interrupted run from its last completed epoch; returns the run directory."""
+    from transfer.backbones import get_spec
+    from transfer.config import field_names, resolve
+    from transfer.data import Split
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "split.csv").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory that can be resumed; expected "
+                                f"{run_dir}/config.json and split.csv from `transfer train`.")
+    if (run_dir / "summary.json").is_file():
+        raise ValueError(f"{run_dir} has finished (it has summary.json); nothing to resume.")
+    saved = json.loads((run_dir / "config.json").read_text())
+    cfg = resolve(None, {key: value for key, value in saved.items() if key in field_names()})
+    classes = json.loads((run_dir / "classes.json").read_text())
+    with open(run_dir / "split.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    missing = [row["path"] for row in rows if not Path(row["path"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} file(s) of this run's split are gone, e.g. "
+                                f"{missing[0]}; restore them or start a new run.")
+    splits = {name: Split(tuple(r["path"] for r in rows if r["split"] == name),
+                          tuple(classes.index(r["label"]) for r in rows if r["split"] == name))
+              for name in ("train", "validation")}
+    spec = get_spec(cfg.backbone)
+    log.info("Resuming %s: %s on %s, %d training and %d validation images", run_dir,
+             cfg.backbone, saved["data_dir"], len(splits["train"]), len(splits["validation"]))
+    model = _build(cfg, spec, len(classes), cfg.image_size)
+    return _run(model, cfg, spec, run_dir, classes, splits["train"], splits["validation"], verbose)
+
+
+def _build(cfg, spec, num_classes, image_size):
+    from transfer.backbones import cut_index
+    from transfer.model import backbone_of, build_classifier
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_classifier(spec, num_classes, image_size, cfg.weights, cfg.dropout)
+    for phase in cfg.phases(spec.cut):
+        if phase.unfreeze_from:
+            cut_index(backbone_of(model), phase.unfreeze_from)
+    return model
+
+
+def _split(report, classes):
+    from transfer.data import Split
+
+    pairs = [(str(path), label) for label, cls in enumerate(classes) for path in report.good[cls]]
+    return Split(tuple(p for p, _ in pairs), tuple(l for _, l in pairs))
+
+
+def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose):
+    from transfer import data
+
+    started = time.time()
+    image_size = model.input_shape[1]
+    weights = data.class_weights(train_split.labels, len(classes), cfg.class_weights)
+    if weights:
+        log.info("Class weights (imbalanced classes): %s",
+                 ", ".join(f"{classes[label]} {w:.2f}" for label, w in weights.items()))
     train_ds = data.pipeline(train_split, image_size, cfg.batch_size,
                              augment=data.augmentation(cfg), shuffle_seed=cfg.seed)
     val_ds = data.pipeline(val_split, image_size, cfg.batch_size)
-    history = fit_phases(model, phases, train_ds, val_ds, cfg.patience, verbose)
+    try:
+        history = fit_phases(model, cfg.phases(spec.cut), train_ds, val_ds, run_dir,
+                             cfg.patience, verbose, class_weight=weights)
+    except KeyboardInterrupt:
+        log.warning("Interrupted. Continue with: python -m transfer train --resume %s", run_dir)
+        raise
 
-    model.save(run_dir / "model.keras")
-    _write_rows(run_dir / "history.csv", HISTORY_FIELDS,
-                [[row.get(field, "") for field in HISTORY_FIELDS] for row in history])
+    with atomic_path(run_dir / "model.keras") as temporary:
+        model.save(temporary)
     plot_learning_curves(history, run_dir / "learning_curves.png")
     best = min(history, key=lambda row: row["val_loss"])
     summary = {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
                "best_epoch": best["epoch"], "best_phase": best["phase"],
-               "seconds": round(time.time() - started, 1)}
-    _write_json(run_dir / "summary.json", summary)
+               "epochs": len(history), "seconds": round(time.time() - started, 1)}
+    write_json(run_dir / "summary.json", summary)
     log.info("Done in %.0f s: best val_accuracy %.4f (val_loss %.4f, %s epoch %d). Model: %s",
              summary["seconds"], best["val_accuracy"], best["val_loss"], best["phase"],
              best["epoch"], run_dir / "model.keras")
     return run_dir
 
 
-def fit_phases(model, phases, train_ds, val_ds, patience, verbose="auto"):
-    """Fit each phase in turn and return the per-epoch history of all of them.
+def fit_phases(model, phases, train_ds, val_ds, run_dir, patience, verbose="auto",
+               class_weight=None):
+    """Fit each phase in turn, resumably, and return the per-epoch history of all of them.
 
     Each phase sets what is trainable and recompiles (trainable changes apply only at
-    compile), stops early on validation loss and restores its best epoch. If a later phase
-    never beats an earlier phase's best validation loss, the earlier weights are restored.
+    compile), and stops after `patience` epochs without a better validation loss. The model
+    ends each phase with the best weights seen so far, of this phase or an earlier one.
+    Progress lives in run_dir (history.csv, best weights, state.json and a BackupAndRestore
+    checkpoint), so calling this again on the same run_dir continues where it stopped.
     """
-    import keras
-
     from transfer.model import backbone_of, count_trainable, set_trainable
 
-    history, best_loss, best_weights, epoch = [], float("inf"), None, 0
+    run_dir = Path(run_dir)
+    history = read_history(run_dir / "history.csv")
+    state = json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else {}
+    completed = state.get("completed", [])
+    offset = 0
     for phase in phases:
+        phase_rows = [row for row in history if row["phase"] == phase.name]
+        if phase.name in completed:
+            offset += len(phase_rows)
+            continue
+        if (run_dir / BEST_WEIGHTS).is_file():
+            load_weights(model, run_dir / BEST_WEIGHTS)
         set_trainable(backbone_of(model), phase.unfreeze_from)
         model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        log.info("Phase %s: %s trainable weights (%s), %d epochs at learning rate %g",
+        backup = keras.callbacks.BackupAndRestore(run_dir / "backup" / phase.name,
+                                                  double_checkpoint=True)
+        resumed = _backed_up_epoch(run_dir / "backup" / phase.name)
+        history = [row for row in history if row["phase"] != phase.name
+                   or (resumed is not None and row["epoch"] <= resumed)]
+        tracker = PhaseTracker(phase.name, phase.learning_rate, history, run_dir, patience)
+        log.info("Phase %s: %s trainable weights (%s), %d epochs at learning rate %g%s",
                  phase.name, f"{count_trainable(model):,}",
                  f"from {phase.unfreeze_from}" if phase.unfreeze_from else "backbone frozen",
-                 phase.epochs, phase.learning_rate)
+                 phase.epochs, phase.learning_rate,
+                 f"; resuming after epoch {resumed}" if resumed is not None else "")
         started = time.time()
-        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
-                                                restore_best_weights=True)
-        fitted = model.fit(train_ds, validation_data=val_ds, epochs=epoch + phase.epochs,
-                           initial_epoch=epoch, callbacks=[stopper], verbose=verbose,
-                           shuffle=False)  # the pipeline shuffles; Keras cannot shuffle tf.data
-        epochs_run = len(fitted.history["loss"])
-        for i in range(epochs_run):
-            row = {key: float(values[i]) for key, values in fitted.history.items()}
-            history.append({"epoch": epoch + i + 1, "phase": phase.name, **row,
-                            "learning_rate": phase.learning_rate})
-        epoch += epochs_run
-        phase_best = min(fitted.history["val_loss"])
-        log.info("Phase %s: %d epochs in %.0f s, best val_loss %.4f", phase.name, epochs_run,
-                 time.time() - started, phase_best)
-        if phase_best < best_loss:
-            best_loss, best_weights = phase_best, model.get_weights()
-        else:
-            log.info("Phase %s did not beat val_loss %.4f; keeping the earlier weights",
-                     phase.name, best_loss)
-            model.set_weights(best_weights)
+        if not tracker.finished(offset + phase.epochs):
+            # BackupAndRestore sets this private start epoch and nothing resets it: clear it so
+            # only this phase's own checkpoint can move the start past `offset`.
+            model._initial_epoch = None
+            model.fit(train_ds, validation_data=val_ds, epochs=offset + phase.epochs,
+                      initial_epoch=offset, callbacks=[tracker, backup], verbose=verbose,
+                      class_weight=class_weight,
+                      shuffle=False)  # the pipeline shuffles; Keras cannot shuffle tf.data
+        history = tracker.history
+        epochs_run = len([row for row in history if row["phase"] == phase.name])
+        offset += epochs_run
+        load_weights(model, run_dir / BEST_WEIGHTS)
+        completed.append(phase.name)
+        write_json(run_dir / STATE, {"completed": completed})
+        log.info("Phase %s: %d epochs in %.0f s, best val_loss so far %.4f", phase.name,
+                 epochs_run, time.time() - started, tracker.best_loss)
     return history
+
+
+class PhaseTracker(keras.callbacks.Callback):
+    """History rows, best weights on disk and early stopping for one phase, all resumable."""
+
+    def __init__(self, phase, learning_rate, history, run_dir, patience):
+        super().__init__()
+        self.phase, self.learning_rate = phase, learning_rate
+        self.history, self.run_dir, self.patience = list(history), run_dir, patience
+        self.best_loss = min((row["val_loss"] for row in history), default=math.inf)
+        losses = [row["val_loss"] for row in history if row["phase"] == phase]
+        self.phase_best = min(losses, default=math.inf)
+        self.wait = len(losses) - 1 - losses.index(self.phase_best) if losses else 0
+
+    def finished(self, last_epoch):
+        done = [row for row in self.history if row["phase"] == self.phase]
+        return self.wait >= self.patience or bool(done and done[-1]["epoch"] >= last_epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, "phase": self.phase,
+               **{key: float(value) for key, value in (logs or {}).items()},
+               "learning_rate": self.learning_rate}
+        self.history.append(row)
+        write_csv(self.run_dir / "history.csv", HISTORY_FIELDS,
+                  [[r.get(field, "") for field in HISTORY_FIELDS] for r in self.history])
+        if row["val_loss"] < self.best_loss:
+            self.best_loss = row["val_loss"]
+            save_weights(self.model, self.run_dir / BEST_WEIGHTS)
+        if row["val_loss"] < self.phase_best:
+            self.phase_best, self.wait = row["val_loss"], 0
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.model.stop_training = True
+
+
+def save_weights(model, path):
+    """Model weights only (not the optimizer), atomically, as .npz."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, *model.get_weights())
+
+
+def load_weights(model, path):
+    with np.load(path) as stored:
+        model.set_weights([stored[name] for name in stored.files])
+
+
+def _backed_up_epoch(backup_dir):
+    """The number of epochs a BackupAndRestore checkpoint holds, or None without one."""
+    for name in ("training_metadata.json", "training_metadata.json.bkp"):
+        if (backup_dir / name).is_file():
+            try:
+                return json.loads((backup_dir / name).read_text())["epoch"]
+            except (ValueError, KeyError):
+                continue
+    return None
+
+
+def read_history(path):
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as handle:
+        return [{key: (value if key == "phase" else int(value) if key == "epoch" else float(value))
+                 for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
 
 
 def new_run_dir(parent, backbone):
@@ -140,13 +292,15 @@ def new_run_dir(parent, backbone):
     raise FileExistsError(f"Could not create a new run directory under {parent}.")
 
 
-def latest_run(parent):
-    """The newest run directory under `parent` that holds a model.keras."""
-    runs = sorted(p.parent for p in Path(parent).glob("*/model.keras"))
+def latest_run(parent, finished=True):
+    """The newest finished (or, with finished=False, unfinished) run directory under parent."""
+    runs = [p for p in Path(parent).glob("*") if (p / "config.json").is_file()
+            and (p / "summary.json").is_file() == finished]
     if not runs:
-        raise FileNotFoundError(f"No trained run under {parent}; expected {parent}/<run>/model.keras. "
-                                "Train first: make train DATA=<name>.")
-    return max(runs, key=lambda p: (p / "model.keras").stat().st_mtime)
+        kind = "finished" if finished else "unfinished"
+        raise FileNotFoundError(f"No {kind} run under {parent}; expected {parent}/<run>/ from "
+                                "`make train DATA=<name>`.")
+    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
 
 
 def plot_learning_curves(history, path):
@@ -174,7 +328,8 @@ def plot_learning_curves(history, path):
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
 
 
@@ -188,21 +343,3 @@ def library_versions():
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     return versions
-
-
-def _drop_bad(split, image_size):
-    from transfer.data import Split, check_images
-
-    good, bad = check_images(split.paths, image_size)
-    return Split(tuple(split.paths[i] for i in good), tuple(split.labels[i] for i in good)), bad
-
-
-def _write_json(path, value):
-    path.write_text(json.dumps(value, indent=2) + "\n")
-
-
-def _write_rows(path, header, rows):
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)

@@ -1,0 +1,233 @@
+"""What is in a data set folder, and whether every file in it can be used.
+
+Every candidate file is decoded for real, once: results are cached by path, size and
+modification time, so checking an unchanged folder again is instant. Files that fail are
+reported with the reason and set aside; they are moved only by `quarantine()`.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from transfer.images import IMAGE_EXTENSIONS, ImageError, open_rgb
+
+log = logging.getLogger(__name__)
+
+FEW_IMAGES = 10  # a class with fewer training images than this gets a warning
+
+
+@dataclasses.dataclass
+class Listing:
+    """The files under one folder: candidate images, skipped files, and link problems."""
+
+    images: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)  # hidden or not an image extension
+    problems: list = dataclasses.field(default_factory=list)  # (path, reason)
+
+
+def list_images(folder):
+    """Walk `folder` for image files, following directory links once and detecting loops."""
+    listing = Listing()
+    folder = Path(folder)
+    seen = {os.path.realpath(folder)}
+    seen_files = {}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        root = Path(root)
+        for name in sorted(dirs):
+            real = os.path.realpath(root / name)
+            if name.startswith("."):
+                dirs.remove(name)
+            elif real in seen:
+                dirs.remove(name)
+                listing.problems.append((root / name, f"symlink loop: {real} is already "
+                                                      "listed; not followed again"))
+            else:
+                seen.add(real)
+        dirs.sort()
+        for name in sorted(files):
+            path = root / name
+            real = os.path.realpath(path)
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                listing.skipped.append(path)
+            elif real in seen_files:
+                listing.problems.append((path, f"repeated link: same file as {seen_files[real]}, "
+                                               "which is used once"))
+            else:
+                seen_files[real] = path
+                listing.images.append(path)
+    return listing
+
+
+def class_names(train_dir):
+    """Sorted class folder names under train_dir; ValueError unless there are two or more."""
+    train_dir = Path(train_dir)
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{train_dir} does not exist; expected {train_dir}/<class>/*.jpg.")
+    names = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(names) < 2:
+        raise ValueError(f"{train_dir} has {len(names)} class folder(s) "
+                         f"({', '.join(names) or 'none'}); expected at least two: "
+                         f"{train_dir}/<class>/*.jpg, one folder per class.")
+    return names
+
+
+def scan_split(split_dir, classes, require_all=True):
+    """{class: Listing} for split_dir/<class>/ of each class, checking the folder layout."""
+    split_dir = Path(split_dir)
+    extra = sorted(p.name for p in split_dir.iterdir()
+                   if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+    if extra:
+        raise ValueError(f"{split_dir} has class folder(s) {', '.join(extra)} that train/ lacks; "
+                         f"expected only {', '.join(classes)}. Add them to train/ or remove them.")
+    listings = {}
+    for name in classes:
+        folder = split_dir / name
+        listings[name] = list_images(folder) if folder.is_dir() else Listing()
+        if require_all and not listings[name].images:
+            raise ValueError(f"Class folder {folder} holds no images "
+                             f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder.")
+    return listings
+
+
+def check_files(paths, cache_file=None, workers=None):
+    """{path: reason or None} for each path, decoding each file unless the cache knows it."""
+    cache = _read_cache(cache_file)
+    results, todo = {}, []
+    for path in paths:
+        key = _cache_key(path)
+        if key is not None and key in cache:
+            results[path] = cache[key]
+        else:
+            todo.append(path)
+
+    def attempt(path):
+        try:
+            open_rgb(path)
+            return None
+        except ImageError as error:
+            return str(error)
+
+    workers = workers or min(8, 2 * (os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for path, reason in zip(todo, pool.map(attempt, todo)):
+            results[path] = reason
+            key = _cache_key(path)
+            if key is not None:
+                cache[key] = reason
+    if cache_file is not None and todo:
+        _write_cache(cache_file, cache)
+    return results
+
+
+@dataclasses.dataclass
+class SplitReport:
+    """One split of a data set after checking: usable files per class and what was set aside."""
+
+    name: str
+    good: dict  # class -> [path]
+    bad: list  # (path, reason)
+    skipped: list  # paths
+
+    def counts(self):
+        return {name: len(paths) for name, paths in self.good.items()}
+
+
+def check_split(name, split_dir, classes, cache_file=None, require_all=True):
+    listings = scan_split(split_dir, classes, require_all)
+    candidates = [path for listing in listings.values() for path in listing.images]
+    results = check_files(candidates, cache_file)
+    good = {cls: [p for p in listing.images if results[p] is None]
+            for cls, listing in listings.items()}
+    bad = [(p, results[p]) for listing in listings.values() for p in listing.images
+           if results[p] is not None]
+    bad += [problem for listing in listings.values() for problem in listing.problems]
+    skipped = [p for listing in listings.values() for p in listing.skipped]
+    if require_all:
+        for cls, paths in good.items():
+            if not paths:
+                raise ValueError(f"Class {cls!r} in {split_dir} has no readable images: all "
+                                 f"{len(listings[cls].images)} failed to decode. See "
+                                 "`python -m transfer check`.")
+    return SplitReport(name, good, bad, skipped)
+
+
+def summary_line(data_name, classes, reports):
+    """One line: classes, images per split and class, files set aside and skipped."""
+    parts = []
+    for report in reports:
+        counts = ", ".join(f"{cls} {n}" for cls, n in report.counts().items())
+        parts.append(f"{report.name} {sum(report.counts().values())} ({counts})")
+    bad = [reason.split(":")[0] for report in reports for _, reason in report.bad]
+    reasons = ", ".join(f"{n} {reason}" for reason, n in collections.Counter(bad).most_common())
+    skipped = sum(len(report.skipped) for report in reports)
+    return (f"{data_name}: {len(classes)} classes; {'; '.join(parts)}; "
+            f"{len(bad)} file(s) set aside{f' ({reasons})' if bad else ''}; "
+            f"{skipped} non-image or hidden file(s) skipped")
+
+
+def warnings_for(reports):
+    """Human warnings about a checked data set: classes with very few images."""
+    messages = []
+    for report in reports:
+        for cls, count in report.counts().items():
+            if report.name == "train" and count < FEW_IMAGES:
+                messages.append(f"class {cls!r} has only {count} training image(s); "
+                                f"expect a poor classifier below {FEW_IMAGES}")
+    return messages
+
+
+def quarantine(bad, data_dir, target):
+    """Move bad files from data_dir into target, keeping their relative paths; never overwrite."""
+    moved = []
+    for path, _ in bad:
+        path = Path(path)
+        if path.is_dir() or not (path.is_file() or path.is_symlink()):
+            continue  # a looping folder link is reported, not moved
+        destination = Path(target) / path.relative_to(data_dir)
+        if destination.exists():
+            raise FileExistsError(f"{destination} exists; quarantine never overwrites. "
+                                  "Choose an empty --quarantine folder.")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), destination)
+        moved.append((path, destination))
+    return moved
+
+
+def cache_file_for(data_dir):
+    """Where check results for data_dir are cached: $TRANSFER_CACHE_HOME or ~/.cache/transfer."""
+    home = Path(os.environ.get("TRANSFER_CACHE_HOME",
+                               Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                               / "transfer"))
+    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    return home / "checks" / f"{Path(data_dir).resolve().name}-{digest}.json"
+
+
+def _cache_key(path):
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _read_cache(cache_file):
+    if cache_file is None or not Path(cache_file).is_file():
+        return {}
+    try:
+        return json.loads(Path(cache_file).read_text())
+    except (OSError, ValueError):
+        log.warning("Ignoring unreadable check cache %s", cache_file)
+        return {}
+
+
+def _write_cache(cache_file, cache):
+    from transfer.files import write_atomic
+
+    Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(cache_file, json.dumps(cache))

@@ -1,0 +1,75 @@
+"""Decoding image files: every file either becomes an RGB array or an ImageError saying why."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+# Formats Pillow may find inside those files; MPO is the multi-picture JPEG some cameras write.
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
+MAX_IMAGE_PIXELS = 64_000_000  # a larger declared size is rejected before anything is decoded
+
+
+class ImageError(ValueError):
+    """A file that cannot be used as an image; str() is the reason."""
+
+
+def open_rgb(path):
+    """Fully decode an image file into an 8-bit RGB PIL image, or raise ImageError.
+
+    EXIF orientation is applied; transparency is composited on white; an animation gives its
+    first frame; grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError("zero bytes")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.format not in SUPPORTED_FORMATS:
+                    raise ImageError(f"unsupported format {image.format} "
+                                     f"(supported: {', '.join(SUPPORTED_FORMATS)})")
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ImageError(f"too large: {width}x{height} pixels "
+                                     f"(limit {MAX_IMAGE_PIXELS:,})")
+                image.seek(0)
+                image.load()
+                return _to_rgb(ImageOps.exif_transpose(image))
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("missing: a broken link or a deleted file") from None
+    except PermissionError:
+        raise ImageError("not readable: permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"too large: {error}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+            MemoryError) as error:  # Pillow's decoders raise all of these on damaged data
+        message = str(error) or type(error).__name__
+        reason = "truncated" if "truncated" in message.lower() else "cannot decode"
+        raise ImageError(f"{reason}: {message}") from None
+
+
+def load_image(path, size):
+    """A (size, size, 3) uint8 RGB array: the decoded image resized (bilinear, no crop)."""
+    image = open_rgb(path).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _to_rgb(image):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        array = array / 257.0 if array.max() > 255 else array
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
