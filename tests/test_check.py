@@ -230,3 +230,34 @@ def test_fuzzed_files_are_decoded_or_reported_never_crash_or_hang(tmp_path, caps
         signal.alarm(0)
     failed = sum(reason is not None for reason in outcomes.values())
     assert 0 < failed < 300
+
+
+def test_train_and_predict_use_exactly_the_good_files_and_report_exactly_the_bad(tmp_path):
+    import csv
+
+    from transfer.config import resolve
+    from transfer.predict import Predictor, expand_paths, predict_paths
+    from transfer.train import train
+
+    good, bad = build_dirty_class(tmp_path / "pets" / "train" / "cats")
+    make_dataset(tmp_path / "more", classes=("dogs",), per_class=12, validation=0)
+    (tmp_path / "more" / "train" / "dogs").rename(tmp_path / "pets" / "train" / "dogs")
+    cfg = resolve(None, dict(data=str(tmp_path / "pets"), backbone="vgg16", weights="none",
+                             image_size=32, epochs=1, fine_tune_epochs=0,
+                             runs_dir=str(tmp_path / "runs")))
+    run_dir = train(cfg, verbose=0)
+
+    with open(run_dir / "bad_files.csv", newline="") as handle:
+        reported = {row["path"].rsplit("/", 1)[1] for row in csv.DictReader(handle)}
+    assert reported == set(bad)
+    with open(run_dir / "split.csv", newline="") as handle:
+        used = [row["path"] for row in csv.DictReader(handle) if row["label"] == "cats"]
+    assert sorted(path.rsplit("/", 1)[1] for path in used) == sorted(good)
+
+    paths, problems = expand_paths([tmp_path / "pets" / "train" / "cats"])
+    rows = list(predict_paths(Predictor(run_dir), paths, batch_size=5))
+    failed = {row["path"].rsplit("/", 1)[1] for row in rows if row["error"]}
+    failed |= {path.name for path, _ in problems}
+    predicted = sorted(row["path"].rsplit("/", 1)[1] for row in rows if not row["error"])
+    assert failed == set(bad)
+    assert predicted == sorted(good)

@@ -110,3 +110,17 @@ def test_predict_rejects_things_that_are_not_models(tmp_path, capsys):
     write_image(tmp_path / "a.png", 0, np.random.default_rng(0))
     assert main(["predict", "--model", str(tmp_path), str(tmp_path / "a.png")]) == 2
     assert "is not a model; expected a .keras file" in capsys.readouterr().err
+
+
+def test_predict_with_classes_that_contradict_the_model_fails_clearly(trained_run, tmp_path,
+                                                                      capsys):
+    run_dir, dataset = trained_run
+    image = str(dataset / "validation" / "vertical" / "vertical_v0.jpg")
+    assert main(["predict", "--model", str(run_dir), "--classes", "vertical,horizontal",
+                 image]) == 0
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run_dir), "--classes", str(labels), image]) == 2
+    assert ("was trained on classes horizontal, vertical; --classes gives cat, dog"
+            in capsys.readouterr().err)

@@ -126,3 +126,17 @@ def test_unreadable_training_files_are_set_aside_and_reported(tiny_config, datas
     assert [row["path"].endswith("broken.jpg") for row in bad] == [True]
     assert "broken.jpg" not in (run_dir / "split.csv").read_text()
 
+
+
+def test_imbalanced_classes_get_class_weights_by_default(tiny_config, dataset, caplog):
+    import logging
+
+    for path in sorted((dataset / "train" / "vertical").iterdir())[:5]:
+        path.unlink()  # 8 horizontal, 3 vertical
+    with caplog.at_level(logging.INFO, logger="transfer"):
+        train(tiny_config(epochs=1, fine_tune_epochs=0), verbose=0)
+    assert "Class weights (imbalanced classes): horizontal 0.69, vertical 1.83" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transfer"):
+        train(tiny_config(epochs=1, fine_tune_epochs=0, class_weights="none"), verbose=0)
+    assert "Class weights" not in caplog.text

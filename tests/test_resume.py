@@ -1,0 +1,76 @@
+"""An interrupted run loses at most the epoch it was in, and --resume finishes it."""
+
+import csv
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY_SIZE, make_dataset
+from transfer.train import resume
+
+
+def _history(run_dir):
+    path = run_dir / "history.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("interrupt, after_rows", [(signal.SIGINT, 3), (signal.SIGKILL, 8)],
+                         ids=["ctrl-c-during-head", "kill-during-fine-tune"])
+def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, caplog,
+                                                                     interrupt, after_rows):
+    dataset = make_dataset(tmp_path / "stripes", per_class=40, validation=8)
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "transfer", "train", "--data", str(dataset),
+               "--backbone", "vgg16", "--weights", "none", "--image-size", str(TINY_SIZE),
+               "--batch-size", "8", "--epochs", "6", "--fine-tune-epochs", "4",
+               "--patience", "20", "--runs-dir", str(runs)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    run_dir = None
+    while time.time() < deadline and process.poll() is None:
+        found = list((runs / "stripes").glob("*")) if (runs / "stripes").is_dir() else []
+        run_dir = found[0] if found else None
+        if run_dir and len(_history(run_dir)) >= after_rows:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training ended before it could be interrupted"
+    process.send_signal(interrupt)
+    _, err = process.communicate(timeout=120)
+    rows_before = _history(run_dir)
+    assert not (run_dir / "summary.json").exists()
+    if interrupt == signal.SIGINT:
+        assert process.returncode == 130
+        assert f"Continue with: python -m transfer train --resume {run_dir}" in err
+
+    with caplog.at_level(logging.INFO, logger="transfer"):
+        resume(run_dir, verbose=0)
+    rows = _history(run_dir)
+    assert [int(row["epoch"]) for row in rows] == list(range(1, 11))
+    assert [row["phase"] for row in rows] == ["head"] * 6 + ["fine_tune"] * 4
+    # What was done before the interruption is kept, not redone (at most one epoch repeats).
+    kept = rows_before[:-1]
+    assert rows[:len(kept)] == kept
+    resumed_after = int(caplog.text.split("resuming after epoch ")[1].split()[0].rstrip(")"))
+    assert len(rows_before) - 1 <= resumed_after <= len(rows_before)
+    for name in ("model.keras", "summary.json", "learning_curves.png"):
+        assert (run_dir / name).is_file()
+    assert not (run_dir / "backup").exists() or not any((run_dir / "backup").rglob("*.h5"))
+
+
+def test_resume_refuses_finished_runs_and_other_options(tiny_config, capsys):
+    from transfer.cli import main
+    from transfer.train import train
+
+    run_dir = train(tiny_config(epochs=1, fine_tune_epochs=0), verbose=0)
+    with pytest.raises(ValueError, match="has finished"):
+        resume(run_dir)
+    assert main(["train", "--resume", str(run_dir), "--epochs", "3"]) == 2
+    assert "drop --epochs" in capsys.readouterr().err
