@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from transfer.files import write_atomic
 from transfer.images import IMAGE_EXTENSIONS, ImageError, open_rgb
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,5 @@ def _read_cache(cache_file):
 
 
 def _write_cache(cache_file, cache):
-    from transfer.files import write_atomic
-
     Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(cache_file, json.dumps(cache))

@@ -1,4 +1,7 @@
-"""Command line: python -m transfer {train,backbones,export,predict}. The only place that prints."""
+"""Command line: python -m transfer {train,check,backbones,export,predict}.
+
+The only module that prints.
+"""
 
 import argparse
 import json
@@ -7,8 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from transfer.config import FLIP_MODES, WEIGHT_CHOICES
-from transfer.data import CLASS_WEIGHT_MODES
+from transfer.config import CLASS_WEIGHT_MODES, FLIP_MODES, WEIGHT_CHOICES
 
 log = logging.getLogger("transfer")
 

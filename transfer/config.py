@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical", "none")
+CLASS_WEIGHT_MODES = ("auto", "balanced", "none")
 WEIGHT_CHOICES = "imagenet | none | PATH to a weights file"
 
 
@@ -54,7 +55,6 @@ class TrainConfig:
     def validate(self):
         """Raise ValueError for values no training run could use."""
         from transfer.backbones import get_spec
-        from transfer.data import CLASS_WEIGHT_MODES
 
         spec = get_spec(self.backbone)
         if self.image_size is not None and self.image_size < spec.min_size:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from transfer.config import CLASS_WEIGHT_MODES
 from transfer.images import IMAGE_EXTENSIONS, load_image
 
 log = logging.getLogger(__name__)
 
-CLASS_WEIGHT_MODES = ("auto", "balanced", "none")
 IMBALANCE_RATIO = 1.5  # "auto" weights classes when the largest is this much bigger than the smallest
 CACHE_BUDGET_BYTES = 2 * 1024**3  # decoded images kept in memory up to this size
 
