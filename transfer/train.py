@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -182,8 +183,9 @@ def fit_phases(model, phases, train_ds, val_ds, run_dir, patience, verbose="auto
         set_trainable(backbone_of(model), phase.unfreeze_from)
         model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        # Kept until state.json says the phase is done, so no moment loses a finished phase.
         backup = keras.callbacks.BackupAndRestore(run_dir / "backup" / phase.name,
-                                                  double_checkpoint=True)
+                                                  double_checkpoint=True, delete_checkpoint=False)
         resumed = _backed_up_epoch(run_dir / "backup" / phase.name)
         history = [row for row in history if row["phase"] != phase.name
                    or (resumed is not None and row["epoch"] <= resumed)]
@@ -205,9 +207,13 @@ def fit_phases(model, phases, train_ds, val_ds, run_dir, patience, verbose="auto
         history = tracker.history
         epochs_run = len([row for row in history if row["phase"] == phase.name])
         offset += epochs_run
+        if not (run_dir / BEST_WEIGHTS).is_file():
+            raise ValueError(f"Training diverged: the validation loss of phase {phase.name} was "
+                             f"never a number. Lower the learning rate ({phase.learning_rate:g}).")
         load_weights(model, run_dir / BEST_WEIGHTS)
         completed.append(phase.name)
         write_json(run_dir / STATE, {"completed": completed})
+        shutil.rmtree(run_dir / "backup" / phase.name, ignore_errors=True)
         log.info("Phase %s: %d epochs in %.0f s, best val_loss so far %.4f", phase.name,
                  epochs_run, time.time() - started, tracker.best_loss)
     return history
