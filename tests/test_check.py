@@ -74,7 +74,7 @@ def build_dirty_class(folder):
     rgb.save(folder / "scan.jpg", "TIFF")
     (folder / "dangling.jpg").symlink_to(folder / "deleted-long-ago.jpg")
     bad = {"zero.jpg": "zero bytes", "truncated.jpg": "truncated", "notes.jpg": "not an image",
-           "bomb.png": "too large", "scan.jpg": "unsupported format TIFF",
+           "bomb.png": "too large", "scan.jpg": "unsupported format: TIFF",
            "dangling.jpg": "missing", "via_link.jpg": "repeated link"}
 
     (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")

@@ -164,7 +164,7 @@ def summary_line(data_name, classes, reports):
     for report in reports:
         counts = ", ".join(f"{cls} {n}" for cls, n in report.counts().items())
         parts.append(f"{report.name} {sum(report.counts().values())} ({counts})")
-    bad = [reason.split(":")[0] for report in reports for _, reason in report.bad]
+    bad = [reason.split(":")[0] for report in reports for _, reason in report.bad]  # the kind
     reasons = ", ".join(f"{n} {reason}" for reason, n in collections.Counter(bad).most_common())
     skipped = sum(len(report.skipped) for report in reports)
     return (f"{data_name}: {len(classes)} classes; {'; '.join(parts)}; "

@@ -30,7 +30,7 @@ def open_rgb(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.format not in SUPPORTED_FORMATS:
-                    raise ImageError(f"unsupported format {image.format} "
+                    raise ImageError(f"unsupported format: {image.format} "
                                      f"(supported: {', '.join(SUPPORTED_FORMATS)})")
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
