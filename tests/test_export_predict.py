@@ -124,3 +124,23 @@ def test_predict_with_classes_that_contradict_the_model_fails_clearly(trained_ru
     assert main(["predict", "--model", str(run_dir), "--classes", str(labels), image]) == 2
     assert ("was trained on classes horizontal, vertical; --classes gives cat, dog"
             in capsys.readouterr().err)
+
+
+def test_an_interrupted_export_leaves_no_version_behind(trained_run, tmp_path, monkeypatch):
+    import keras
+
+    run_dir, _ = trained_run
+    model = load_model(run_dir / "model.keras")
+    archive_class = type(keras.export.ExportArchive())  # the backend's own subclass
+    real_write_out = archive_class.write_out
+
+    def write_then_interrupt(self, path, **kwargs):
+        real_write_out(self, path, **kwargs)  # the files are on disk, not yet renamed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(archive_class, "write_out", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes")
+    assert list((tmp_path / "stripes").iterdir()) == []
+    monkeypatch.undo()
+    assert export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes").name == "1"

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import REPO, TINY_SIZE, make_dataset
+from transfer.cli import main
 from transfer.train import resume
 
 
@@ -51,7 +52,11 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, ca
         assert f"Continue with: python -m transfer train --resume {run_dir}" in err
 
     with caplog.at_level(logging.INFO, logger="transfer"):
-        resume(run_dir, verbose=0)
+        if interrupt == signal.SIGINT:  # as `make train DATA=stripes RESUME=1` does
+            assert main(["train", "--data", str(dataset), "--runs-dir", str(runs),
+                         "--resume"]) == 0
+        else:
+            resume(run_dir, verbose=0)
     rows = _history(run_dir)
     assert [int(row["epoch"]) for row in rows] == list(range(1, 11))
     assert [row["phase"] for row in rows] == ["head"] * 6 + ["fine_tune"] * 4
@@ -66,7 +71,6 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, ca
 
 
 def test_resume_refuses_finished_runs_and_other_options(tiny_config, capsys):
-    from transfer.cli import main
     from transfer.train import train
 
     run_dir = train(tiny_config(epochs=1, fine_tune_epochs=0), verbose=0)

@@ -58,8 +58,9 @@ class TrainConfig:
 
         spec = get_spec(self.backbone)
         if self.image_size is not None and self.image_size < spec.min_size:
-            raise ValueError(f"image_size {self.image_size} is below backbone {spec.name!r}'s "
-                             f"minimum of {spec.min_size}; use {spec.min_size} or more.")
+            raise ValueError(f"image_size {self.image_size} is below the minimum of "
+                             f"{spec.min_size} for backbone {spec.name!r}; use {spec.min_size} "
+                             "or more.")
         if self.class_weights not in CLASS_WEIGHT_MODES:
             raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHT_MODES)}; "
                              f"received {self.class_weights!r}.")
