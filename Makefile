@@ -10,7 +10,7 @@ IMAGES ?= data/$(DATA)/validation
 TRAIN_FLAGS := --data $(DATA) $(if $(BACKBONE),--backbone $(BACKBONE)) \
 	$(if $(CONFIG),--config $(CONFIG)) $(if $(RESUME),--resume) $(ARGS)
 
-.PHONY: install train check export predict backbones test clean-venv
+.PHONY: install train check export serve predict backbones test clean-venv
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ check: install
 
 export: install
 	$(PY) -m transfer export $(if $(RUN),--run $(RUN),--data $(DATA))
+
+serve: install
+	$(PY) -m transfer serve saved_models/$(DATA) $(ARGS)
 
 predict: install
 	$(PY) predict.py --model $(or $(MODEL),saved_models/$(DATA)) $(IMAGES)

@@ -90,3 +90,17 @@ def tiny_config(dataset, tmp_path):
         return resolve(None, settings | overrides)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A finished run of the tiny backbone on a stripes data set: (run_dir, dataset)."""
+    from transfer.config import resolve
+    from transfer.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    dataset = make_dataset(root / "stripes")
+    cfg = resolve(None, dict(data=str(dataset), backbone=TINY_BACKBONE, weights="none",
+                             image_size=TINY_SIZE, batch_size=4, epochs=2, fine_tune_epochs=0,
+                             runs_dir=str(root / "runs")))
+    return train(cfg, verbose=0), dataset

@@ -13,23 +13,9 @@ from conftest import TINY_SIZE, write_image
 from transfer.check import list_images
 from transfer.images import load_image
 from transfer.cli import main
-from transfer.export import export_savedmodel, next_version, read_classes
+from transfer.export import decode_and_resize, export_savedmodel, next_version, read_asset
 from transfer.model import load_model
 from transfer.predict import Predictor, expand_paths, predict_paths
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    from conftest import make_dataset
-    from transfer.config import resolve
-    from transfer.train import train
-
-    root = tmp_path_factory.mktemp("trained")
-    dataset = make_dataset(root / "stripes")
-    cfg = resolve(None, dict(data=str(dataset), backbone="vgg16", weights="none",
-                             image_size=TINY_SIZE, batch_size=4, epochs=2, fine_tune_epochs=0,
-                             runs_dir=str(root / "runs")))
-    return train(cfg, verbose=0), dataset
 
 
 def test_export_round_trip_and_versions_never_overwrite(trained_run, tmp_path):
@@ -41,7 +27,7 @@ def test_export_round_trip_and_versions_never_overwrite(trained_run, tmp_path):
     second = export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes", images)
     assert (first.name, second.name) == ("1", "2")
     assert next_version(tmp_path / "stripes") == 3
-    assert read_classes(second) == ["horizontal", "vertical"]
+    assert read_asset(second) == ["horizontal", "vertical"]
     assert not [p for p in (tmp_path / "stripes").iterdir() if p.name.startswith(".tmp")]
 
     import tensorflow as tf
@@ -57,6 +43,45 @@ def test_export_round_trip_and_versions_never_overwrite(trained_run, tmp_path):
     shown = subprocess.run([cli, "show", "--dir", str(first), "--all"], capture_output=True,
                            text=True, check=True).stdout
     assert "serving_default" in shown and "images" in shown and "probabilities" in shown
+    assert "serve_bytes" in shown and "image_bytes" in shown and "DT_STRING" in shown
+
+
+def test_bytes_signature_matches_the_image_signature_on_the_same_pictures(trained_run, tmp_path):
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    run_dir, dataset = trained_run
+    model = load_model(run_dir / "model.keras")
+    version = export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes")
+    signatures = tf.saved_model.load(str(version)).signatures
+    files = list_images(dataset / "validation").images
+    rng = np.random.default_rng(3)
+    blobs = [path.read_bytes() for path in files]  # JPEGs as clients send them
+    for kind in ("PNG", "GIF", "BMP"):  # other encodings, and a photo-sized, transparent PNG
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(buffer, kind)
+        blobs.append(buffer.getvalue())
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (60, 80, 4), dtype=np.uint8), "RGBA").save(buffer, "PNG")
+    blobs.append(buffer.getvalue())
+    for i, blob in enumerate(blobs):
+        (tmp_path / f"{i}.img").write_bytes(blob)
+    images = np.stack([load_image(tmp_path / f"{i}.img", TINY_SIZE)
+                       for i in range(len(blobs))]).astype("float32")
+
+    # The graph decodes and resizes as training does (TensorFlow's decoders, not Pillow's).
+    decoded = np.stack([decode_and_resize(tf.constant(blob), TINY_SIZE).numpy() for blob in blobs])
+    difference = np.abs(decoded - images)
+    assert difference.mean() < 1.5 and np.percentile(difference, 99) < 12
+
+    by_bytes = signatures["serve_bytes"](image_bytes=tf.constant(blobs))
+    by_images = signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(by_bytes["probabilities"].numpy(),
+                               by_images["probabilities"].numpy(), atol=0.02)
+    np.testing.assert_array_equal(by_bytes["class_index"].numpy(),
+                                  by_bytes["probabilities"].numpy().argmax(axis=1))
 
 
 def test_export_cli_exports_the_newest_run_of_a_data_set(trained_run, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Command line: python -m transfer {train,check,backbones,export,predict}.
+"""Command line: python -m transfer {train,check,backbones,export,serve,predict}.
 
 The only module that prints.
 """
@@ -88,6 +88,20 @@ def build_parser():
     export.add_argument("--name", help="model name under --output (default: the data set name)")
     export.add_argument("--output", default="saved_models", help="default: saved_models")
     export.add_argument("--runs-dir", default="runs", help="default: runs")
+
+    serve = commands.add_parser("serve", help="serve an export over TensorFlow Serving's REST API")
+    serve.set_defaults(command=cmd_serve)
+    serve.add_argument("model_dir", help="saved_models/<name>: the folder of integer versions")
+    serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=int, default=8501, help="default: 8501, as TensorFlow Serving")
+    serve.add_argument("--max-batch", type=int, default=32,
+                       help="most instances run together (default: 32)")
+    serve.add_argument("--batch-wait-ms", type=float, default=2.0,
+                       help="how long a batch waits for more requests (default: 2)")
+    serve.add_argument("--max-image-mb", type=float, default=4.0,
+                       help="largest encoded image accepted (default: 4)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0,
+                       help="largest request body accepted (default: 32)")
 
     predict = commands.add_parser("predict", help="classify image files and folders")
     predict.set_defaults(command=cmd_predict)
@@ -207,6 +221,17 @@ def _validation_sample(run_dir, size, count=8):
                 except ImageError:
                     continue
     return np.stack(images).astype("float32") if images else None
+
+
+def cmd_serve(args):
+    from transfer.serve import serve
+
+    for key in ("max_batch", "batch_wait_ms", "max_image_mb", "max_body_mb"):
+        if not getattr(args, key) > (0 if key != "batch_wait_ms" else -1):
+            raise ValueError(f"--{key.replace('_', '-')} must be positive; "
+                             f"received {getattr(args, key)}.")
+    serve(args.model_dir, args.host, args.port, args.max_batch, args.batch_wait_ms,
+          args.max_image_mb, args.max_body_mb)
 
 
 def cmd_predict(args):

@@ -1,4 +1,11 @@
-"""SavedModel export in TensorFlow Serving's layout: saved_models/<name>/<int version>/."""
+"""SavedModel export in TensorFlow Serving's layout: saved_models/<name>/<int version>/.
+
+Two signatures, both with the preprocessing inside:
+  serving_default  images      float32 [N, H, W, 3], raw 0-255 RGB
+  serve_bytes      image_bytes string [N], encoded JPEG/PNG/GIF/BMP, decoded and resized in
+                               the graph as training resized them (bilinear, no crop)
+Both return probabilities [N, C], class_index [N] and class_name [N].
+"""
 
 import json
 import logging
@@ -11,7 +18,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serve_bytes"
+IMAGES_INPUT = "images"
+BYTES_INPUT = "image_bytes"
 CLASSES_ASSET = "classes.json"
+CONFIG_ASSET = "config.json"
 
 
 def next_version(model_dir):
@@ -20,13 +31,35 @@ def next_version(model_dir):
     return max(versions, default=0) + 1
 
 
+def decode_and_resize(image_bytes, size):
+    """tf graph: one encoded image -> float32 [size, size, 3] 0-255, as training loads files.
+
+    Like transfer.images.load_image: transparency composited on white, the first frame of an
+    animation, bilinear resize to a square with antialiasing, whole-number pixel values.
+    (EXIF orientation is not applied in the graph: send upright images.)
+    """
+    import tensorflow as tf
+
+    def png():
+        rgba = tf.cast(tf.io.decode_png(image_bytes, channels=4), tf.float32)
+        alpha = rgba[..., 3:] / 255.0
+        return tf.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha))
+
+    def other():
+        return tf.cast(tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
+                       tf.float32)
+
+    image = tf.cond(tf.strings.substr(image_bytes, 0, 8) == b"\x89PNG\r\n\x1a\n", png, other)
+    image.set_shape([None, None, 3])
+    resized = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+    return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+
+
 def export_savedmodel(model, classes, model_dir, sample_images=None, config=None):
     """Write model_dir/<next version>/ and return its path; never overwrites a version.
 
-    The serving_default signature takes `images` [N, H, W, 3] float32 0-255 and returns
-    `probabilities` [N, C], `class_index` [N] and `class_name` [N]. The version is written
-    under a temporary name and renamed into place, then reloaded and checked against
-    `model` on `sample_images` (random pixels if none are given).
+    The version is written under a temporary name and renamed into place, then reloaded and
+    checked against `model` on `sample_images` (random pixels if none are given).
     """
     import keras
     import tensorflow as tf
@@ -36,16 +69,23 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
     size = model.input_shape[1]
     names = tf.constant(list(classes))
 
-    def serve(images):
+    def outputs(images):
         probabilities = model(images, training=False)
         index = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {"probabilities": probabilities, "class_index": index,
                 "class_name": tf.gather(names, index)}
 
+    def serve_bytes(image_bytes):
+        images = tf.map_fn(lambda data: decode_and_resize(data, size), image_bytes,
+                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+        return outputs(images)
+
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(SIGNATURE, serve, input_signature=[
-        tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
+    archive.add_endpoint(SIGNATURE, outputs, input_signature=[
+        tf.TensorSpec([None, size, size, 3], tf.float32, name=IMAGES_INPUT)])
+    archive.add_endpoint(BYTES_SIGNATURE, serve_bytes, input_signature=[
+        tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
 
     version = next_version(model_dir)
     staging = model_dir / f".tmp-{version}-{os.getpid()}"
@@ -56,7 +96,7 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
         extra.mkdir(exist_ok=True)
         (extra / CLASSES_ASSET).write_text(json.dumps(list(classes)) + "\n")
         if config is not None:
-            (extra / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (extra / CONFIG_ASSET).write_text(json.dumps(config, indent=2) + "\n")
         target = model_dir / str(version)
         if target.exists():  # another export took this version meanwhile
             raise FileExistsError(f"{target} already exists; exports never overwrite a version.")
@@ -77,7 +117,7 @@ def verify_export(model, path, images=None, atol=1e-4):
         images = np.random.default_rng(0).uniform(0, 255, (4, size, size, 3)).astype("float32")
     expected = np.asarray(model(images, training=False))
     loaded = tf.saved_model.load(str(path))
-    served = loaded.signatures[SIGNATURE](images=tf.constant(images, tf.float32))
+    served = loaded.signatures[SIGNATURE](**{IMAGES_INPUT: tf.constant(images, tf.float32)})
     got = served["probabilities"].numpy()
     if got.shape != expected.shape or not np.allclose(got, expected, atol=atol):
         raise ValueError(f"The export at {path} does not reproduce the model: largest difference "
@@ -85,10 +125,16 @@ def verify_export(model, path, images=None, atol=1e-4):
     return float(np.max(np.abs(got - expected)))
 
 
-def read_classes(path):
-    """Class names stored inside an export version folder."""
-    asset = Path(path) / "assets.extra" / CLASSES_ASSET
+def read_asset(path, name=CLASSES_ASSET):
+    """A JSON asset (class names by default) stored inside an export version folder."""
+    asset = Path(path) / "assets.extra" / name
     if not asset.is_file():
-        raise FileNotFoundError(f"{path} has no {asset.relative_to(path)}; was it exported by "
+        raise FileNotFoundError(f"{path} has no assets.extra/{name}; was it exported by "
                                 "transfer? Re-export with `python -m transfer export`.")
     return json.loads(asset.read_text())
+
+
+def versions(model_dir):
+    """{version number: path} of the SavedModel versions under model_dir."""
+    return {int(p.name): p for p in Path(model_dir).glob("*")
+            if p.name.isdigit() and (p / "saved_model.pb").is_file()}

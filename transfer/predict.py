@@ -24,11 +24,12 @@ class Predictor:
         if path.is_dir() and (path / "model.keras").is_file():
             path = path / "model.keras"
         if path.is_dir() and not (path / "saved_model.pb").is_file():
-            versions = sorted((p for p in path.iterdir() if p.name.isdigit()
-                               and (p / "saved_model.pb").is_file()), key=lambda p: int(p.name))
-            if not versions:
+            from transfer.export import versions
+
+            found = versions(path)
+            if not found:
                 raise ValueError(f"{path} is not a model; expected {', '.join(MODEL_FORMATS)}.")
-            path = versions[-1]
+            path = found[max(found)]
         self.path = path
         if path.is_dir():
             self._load_savedmodel(path)
@@ -52,12 +53,13 @@ class Predictor:
     def _load_savedmodel(self, path):
         import tensorflow as tf
 
-        from transfer.export import SIGNATURE, read_classes
+        from transfer.export import IMAGES_INPUT, SIGNATURE, read_asset
 
-        self.classes = read_classes(path)
+        self.classes = read_asset(path)
         signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
-        self.image_size = signature.structured_input_signature[1]["images"].shape[1]
-        self._predict = lambda images: signature(images=tf.constant(images))["probabilities"].numpy()
+        self.image_size = signature.structured_input_signature[1][IMAGES_INPUT].shape[1]
+        self._predict = lambda images: signature(
+            **{IMAGES_INPUT: tf.constant(images)})["probabilities"].numpy()
 
     def predict(self, images):
         """Class probabilities [N, C] for float32 0-255 images [N, H, W, 3]."""
