@@ -88,6 +88,14 @@ def build_parser():
     export.add_argument("--name", help="model name under --output (default: the data set name)")
     export.add_argument("--output", default="saved_models", help="default: saved_models")
     export.add_argument("--runs-dir", default="runs", help="default: runs")
+    export.add_argument("--format", nargs="+", default=["savedmodel"],
+                        choices=("savedmodel", "tflite", "onnx"),
+                        help="also write TFLite (float32, float16, int8) and/or ONNX beside the "
+                             "SavedModel, each checked against it (default: savedmodel only)")
+    export.add_argument("--eval-images", type=int, default=1000,
+                        help="validation images the export is checked and measured on")
+    export.add_argument("--calibration-images", type=int, default=200,
+                        help="training images that calibrate int8 quantization")
 
     serve = commands.add_parser("serve", help="serve an export over TensorFlow Serving's REST API")
     serve.set_defaults(command=cmd_serve)
@@ -198,29 +206,54 @@ def cmd_export(args):
     classes = json.loads((run_dir / "classes.json").read_text())
     name = args.name or args.data or Path(run_config["data_dir"]).name
     model = load_model(model_file)
+    size = model.input_shape[1]
+    check_images, check_labels = _split_images(run_dir, "validation", size, args.eval_images)
     target = export_savedmodel(model, classes, Path(args.output) / name,
-                               sample_images=_validation_sample(run_dir, model.input_shape[1]),
-                               config=run_config)
+                               sample_images=check_images[:8], config=run_config)
+    formats = [f for f in args.format if f != "savedmodel"]
+    if formats:
+        from transfer import formats as conversions
+
+        calibration, _ = _split_images(run_dir, "train", size, args.calibration_images)
+        extra = target / "assets.extra"
+        (extra / "labels.txt").write_text("\n".join(classes) + "\n")
+        written = conversions.convert(model, formats, extra, calibration)
+        reports = conversions.evaluate({"savedmodel": target, **written}, check_images,
+                                       check_labels)
+        conversions.write_report(reports, extra / "formats.json")
+        print(conversions.table(reports))
+        failed = [r.describe_failure() for r in reports if not r.ok()]
+        if failed:
+            raise ValueError(f"{'; '.join(failed)}. The files are kept; the numbers are in "
+                             f"{extra / 'formats.json'}.")
     print(target)
 
 
-def _validation_sample(run_dir, size, count=8):
-    """A few of the run's validation images, to check an export on real pictures."""
+def _split_images(run_dir, split, size, count, seed=0):
+    """Up to `count` decoded images of a run's split (seeded sample) and their labels."""
     import csv
 
     import numpy as np
 
     from transfer.images import ImageError, load_image
 
-    images = []
+    classes = json.loads((run_dir / "classes.json").read_text())
     with open(run_dir / "split.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row["split"] == "validation" and len(images) < count:
-                try:
-                    images.append(load_image(row["path"], size))
-                except ImageError:
-                    continue
-    return np.stack(images).astype("float32") if images else None
+        rows = [row for row in csv.DictReader(handle) if row["split"] == split]
+    if len(rows) > count:
+        picks = np.random.default_rng(seed).choice(len(rows), count, replace=False)
+        rows = [rows[i] for i in sorted(picks)]
+    images, labels = [], []
+    for row in rows:
+        try:
+            images.append(load_image(row["path"], size))
+            labels.append(classes.index(row["label"]))
+        except ImageError:
+            continue
+    if not images:
+        raise FileNotFoundError(f"None of the {split} images listed in {run_dir}/split.csv "
+                                "can be read; the export cannot be checked.")
+    return np.stack(images).astype("float32"), np.asarray(labels)
 
 
 def cmd_serve(args):

@@ -1,0 +1,187 @@
+"""TFLite (float32, float16, full-integer int8) and ONNX conversions, each checked after writing.
+
+Conversions start from the Keras model (the same graph as the SavedModel's serving_default:
+raw 0-255 RGB in, probabilities out) and are written into the export version's
+assets.extra/ folder with labels.txt. Each one is run on held-out images and compared with
+the SavedModel: float formats must match its probabilities, quantized ones its top-1 class.
+"""
+
+import dataclasses
+import logging
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from transfer.files import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("tflite", "onnx")
+FILES = {"tflite_float32": "model_float32.tflite", "tflite_float16": "model_float16.tflite",
+         "tflite_int8": "model_int8.tflite", "onnx": "model.onnx"}
+FLOAT_TOLERANCE = 1e-3  # largest probability difference for float32 formats
+MIN_TOP1_AGREEMENT = 0.99  # for float16 and int8
+
+
+@dataclasses.dataclass
+class FormatReport:
+    format: str
+    file: str
+    size_mb: float
+    val_accuracy: float
+    top1_agreement: float  # with the SavedModel
+    max_probability_difference: float
+    latency_ms: float  # one image, median
+
+    def ok(self):
+        if self.format in ("savedmodel", "tflite_float32", "onnx"):
+            return self.max_probability_difference <= FLOAT_TOLERANCE
+        return self.top1_agreement >= MIN_TOP1_AGREEMENT
+
+    def describe_failure(self):
+        if self.format in ("savedmodel", "tflite_float32", "onnx"):
+            return (f"{self.format} differs from the SavedModel by up to "
+                    f"{self.max_probability_difference:.1e} in probability (tolerance "
+                    f"{FLOAT_TOLERANCE:.0e})")
+        return (f"{self.format} agrees with the SavedModel's top-1 class on "
+                f"{self.top1_agreement:.1%} of held-out images (required: "
+                f"{MIN_TOP1_AGREEMENT:.0%})")
+
+
+def convert(model, formats, folder, calibration_images):
+    """Write the requested formats into folder; returns {format name: path}."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"Unknown export format(s) {', '.join(unknown)}; valid: "
+                         f"savedmodel (always written), {', '.join(FORMATS)}.")
+    folder = Path(folder)
+    written = {}
+    if "tflite" in formats:
+        for precision in ("float32", "float16", "int8"):
+            name = f"tflite_{precision}"
+            with atomic_path(folder / FILES[name]) as temporary:
+                temporary.write_bytes(_tflite(model, precision, calibration_images))
+            written[name] = folder / FILES[name]
+            log.info("Wrote %s", written[name])
+    if "onnx" in formats:
+        model(np.zeros((1, *model.input_shape[1:]), "float32"))  # Keras exports called models
+        with atomic_path(folder / FILES["onnx"]) as temporary:
+            model.export(str(temporary), format="onnx", verbose=False)
+        written["onnx"] = folder / FILES["onnx"]
+        log.info("Wrote %s", written["onnx"])
+    return written
+
+
+def _tflite(model, precision, calibration_images):
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if precision == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif precision == "int8":
+        if calibration_images is None or not len(calibration_images):
+            raise ValueError("int8 TFLite needs calibration images; none were given.")
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None].astype("float32")]
+                                                    for image in calibration_images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8  # raw pixels are uint8 already
+        converter.inference_output_type = tf.uint8
+    return converter.convert()
+
+
+def runner(name, path):
+    """A function from float32 0-255 images [N, H, W, 3] to probabilities [N, C]."""
+    if name == "savedmodel":
+        import tensorflow as tf
+
+        from transfer.export import IMAGES_INPUT, SIGNATURE
+
+        signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
+        return lambda images: signature(
+            **{IMAGES_INPUT: tf.constant(images, tf.float32)})["probabilities"].numpy()
+    if name == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        return lambda images: session.run(None, {input_name: images.astype("float32")})[0]
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+    def run(images):
+        rows = []
+        for image in images:  # TFLite models are converted for one image at a time
+            x = image[None]
+            if source["dtype"] == np.uint8:
+                scale, zero = source["quantization"]
+                x = np.clip(np.round(x / scale + zero), 0, 255)
+            interpreter.set_tensor(source["index"], x.astype(source["dtype"]))
+            interpreter.invoke()
+            y = interpreter.get_tensor(target["index"])[0].astype("float32")
+            if target["dtype"] == np.uint8:
+                scale, zero = target["quantization"]
+                y = (y - zero) * scale
+            rows.append(y)
+        return np.stack(rows)
+
+    return run
+
+
+def evaluate(paths, images, labels, latency_runs=30, batch_size=32):
+    """A FormatReport per format in paths ({name: path}; "savedmodel" is the reference)."""
+    outputs, latencies = {}, {}
+    for name, path in paths.items():
+        run = runner(name, path)
+        outputs[name] = np.concatenate([run(images[i:i + batch_size])
+                                        for i in range(0, len(images), batch_size)])
+        run(images[:1])
+        timings = []
+        for i in range(latency_runs):
+            started = time.perf_counter()
+            run(images[i % len(images):i % len(images) + 1])
+            timings.append(time.perf_counter() - started)
+        latencies[name] = 1000 * statistics.median(timings)
+    reference = outputs["savedmodel"]
+    reports = []
+    for name, path in paths.items():
+        predicted = outputs[name].argmax(axis=1)
+        reports.append(FormatReport(
+            format=name, file=Path(path).name,
+            size_mb=round(_size(path) / 2**20, 3),
+            val_accuracy=round(float((predicted == np.asarray(labels)).mean()), 4),
+            top1_agreement=round(float((predicted == reference.argmax(axis=1)).mean()), 4),
+            max_probability_difference=float(np.abs(outputs[name] - reference).max()),
+            latency_ms=round(latencies[name], 2)))
+    return reports
+
+
+def write_report(reports, path):
+    write_json(path, [dataclasses.asdict(report) for report in reports])
+
+
+def table(reports):
+    """The reports as an aligned text table."""
+    lines = [f"{'format':<16}{'size MB':>9}{'val acc':>9}{'top-1 agree':>13}{'max |dp|':>10}"
+             f"{'ms/image':>10}"]
+    for r in reports:
+        lines.append(f"{r.format:<16}{r.size_mb:>9.2f}{r.val_accuracy:>9.4f}{r.top1_agreement:>13.4f}"
+                     f"{r.max_probability_difference:>10.1e}{r.latency_ms:>10.2f}")
+    return "\n".join(lines)
+
+
+def _size(path):
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*")
+               if p.is_file() and "assets.extra" not in p.parts)
