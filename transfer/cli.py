@@ -192,7 +192,15 @@ def cmd_backbones(args):
               f"{backbone.count_params() / 1e6:>7.1f}M {spec.preprocessing:<10} {spec.cut}")
 
 
+def _require_positive(args, *keys):
+    for key in keys:
+        if not getattr(args, key) > 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be positive; "
+                             f"received {getattr(args, key)}.")
+
+
 def cmd_export(args):
+    _require_positive(args, "eval_images", "calibration_images")
     from transfer.export import export_savedmodel
     from transfer.model import load_model
     from transfer.train import latest_run
@@ -259,10 +267,9 @@ def _split_images(run_dir, split, size, count, seed=0):
 def cmd_serve(args):
     from transfer.serve import serve
 
-    for key in ("max_batch", "batch_wait_ms", "max_image_mb", "max_body_mb"):
-        if not getattr(args, key) > (0 if key != "batch_wait_ms" else -1):
-            raise ValueError(f"--{key.replace('_', '-')} must be positive; "
-                             f"received {getattr(args, key)}.")
+    _require_positive(args, "max_batch", "max_image_mb", "max_body_mb")
+    if args.batch_wait_ms < 0:
+        raise ValueError(f"--batch-wait-ms must be 0 or more; received {args.batch_wait_ms}.")
     serve(args.model_dir, args.host, args.port, args.max_batch, args.batch_wait_ms,
           args.max_image_mb, args.max_body_mb)
 
@@ -271,9 +278,7 @@ def cmd_predict(args):
     from transfer.predict import (Predictor, check_classes, error_row, expand_paths,
                                   predict_paths, write_rows)
 
-    if args.top_k < 1 or args.batch_size < 1:
-        raise ValueError(f"--top-k and --batch-size must be positive; received {args.top_k} "
-                         f"and {args.batch_size}.")
+    _require_positive(args, "top_k", "batch_size")
     paths, problems = expand_paths(args.images)
     if not paths and not problems:
         raise FileNotFoundError(f"No images found in {', '.join(args.images)}.")
