@@ -158,6 +158,17 @@ def check_split(name, split_dir, classes, cache_file=None, require_all=True):
     return SplitReport(name, good, bad, skipped)
 
 
+def check_dataset(data_dir, classes):
+    """A SplitReport for train/ and, when there is one, validation/, using the check cache."""
+    data_dir = Path(data_dir)
+    cache = cache_file_for(data_dir)
+    reports = [check_split("train", data_dir / "train", classes, cache)]
+    if (data_dir / "validation").is_dir():
+        reports.append(check_split("validation", data_dir / "validation", classes, cache,
+                                   require_all=False))
+    return reports
+
+
 def summary_line(data_name, classes, reports):
     """One line: classes, images per split and class, files set aside and skipped."""
     parts = []

@@ -138,11 +138,12 @@ def cmd_train(args):
                              f"{', '.join('--' + key.replace('_', '-') for key in given)}.")
         from transfer.train import latest_run, resume
 
+        from transfer.data import dataset_name
+
         run_dir = args.resume
         if run_dir == "latest":
             cfg = config.resolve(None, overrides)
-            data_name = Path(cfg.data).resolve().name if Path(cfg.data).is_dir() else cfg.data
-            run_dir = latest_run(Path(cfg.runs_dir) / data_name, finished=False)
+            run_dir = latest_run(Path(cfg.runs_dir) / dataset_name(cfg.data), finished=False)
         resume(run_dir, verbose)
         return
     settings = config.load_file(args.config) if args.config else None
@@ -159,11 +160,7 @@ def cmd_check(args):
 
     data_name, data_dir = resolve_dataset(args.data)
     classes = check.class_names(data_dir / "train")
-    cache = check.cache_file_for(data_dir)
-    reports = [check.check_split("train", data_dir / "train", classes, cache)]
-    if (data_dir / "validation").is_dir():
-        reports.append(check.check_split("validation", data_dir / "validation", classes, cache,
-                                         require_all=False))
+    reports = check.check_dataset(data_dir, classes)
     bad = [item for report in reports for item in report.bad]
     for path, reason in bad:
         print(f"{path}\t{reason}")
@@ -215,10 +212,12 @@ def cmd_export(args):
     name = args.name or args.data or Path(run_config["data_dir"]).name
     model = load_model(model_file)
     size = model.input_shape[1]
-    check_images, check_labels = _split_images(run_dir, "validation", size, args.eval_images)
+    formats = [f for f in args.format if f != "savedmodel"]
+    # Conversions are measured on --eval-images; the SavedModel alone is checked on a few.
+    check_images, check_labels = _split_images(run_dir, "validation", size,
+                                               args.eval_images if formats else 8)
     target = export_savedmodel(model, classes, Path(args.output) / name,
                                sample_images=check_images[:8], config=run_config)
-    formats = [f for f in args.format if f != "savedmodel"]
     if formats:
         from transfer import formats as conversions
 

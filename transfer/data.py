@@ -60,11 +60,17 @@ def data_home():
     return Path(os.environ.get("TRANSFER_DATA_HOME", "data"))
 
 
+def dataset_name(name_or_path):
+    """The name runs are filed under: a folder's own name, or the name as given."""
+    path = Path(name_or_path).expanduser()
+    return path.resolve().name if path.is_dir() else name_or_path
+
+
 def resolve_dataset(name_or_path):
     """(name, folder) of a data set given by name (under the data home) or by path."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path.resolve().name, path
+        return dataset_name(name_or_path), path
     if os.sep in str(name_or_path) or name_or_path.startswith("."):
         raise FileNotFoundError(
             f"Data set folder {path} does not exist; expected {path}/train/<class>/*.jpg.")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transfer.files import write_json
+
 log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
@@ -94,9 +96,9 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
         archive.write_out(str(staging), verbose=False)
         extra = staging / "assets.extra"
         extra.mkdir(exist_ok=True)
-        (extra / CLASSES_ASSET).write_text(json.dumps(list(classes)) + "\n")
+        write_json(extra / CLASSES_ASSET, list(classes))
         if config is not None:
-            (extra / CONFIG_ASSET).write_text(json.dumps(config, indent=2) + "\n")
+            write_json(extra / CONFIG_ASSET, config)
         target = model_dir / str(version)
         if target.exists():  # another export took this version meanwhile
             raise FileExistsError(f"{target} already exists; exports never overwrite a version.")

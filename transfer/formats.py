@@ -97,13 +97,9 @@ def _tflite(model, precision, calibration_images):
 def runner(name, path):
     """A function from float32 0-255 images [N, H, W, 3] to probabilities [N, C]."""
     if name == "savedmodel":
-        import tensorflow as tf
+        from transfer.predict import Predictor
 
-        from transfer.export import IMAGES_INPUT, SIGNATURE
-
-        signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
-        return lambda images: signature(
-            **{IMAGES_INPUT: tf.constant(images, tf.float32)})["probabilities"].numpy()
+        return Predictor(path).predict
     if name == "onnx":
         import onnxruntime
 

@@ -40,10 +40,7 @@ def train(cfg, verbose="auto"):
     model = _build(cfg, spec, len(classes), image_size)
 
     started = time.time()
-    reports = [check.check_split("train", data_dir / "train", classes, check.cache_file_for(data_dir))]
-    if (data_dir / "validation").is_dir():
-        reports.append(check.check_split("validation", data_dir / "validation", classes,
-                                         check.cache_file_for(data_dir), require_all=False))
+    reports = check.check_dataset(data_dir, classes)
     log.info("%s (checked in %.1f s)", check.summary_line(data_name, classes, reports),
              time.time() - started)
     for message in check.warnings_for(reports):
