@@ -79,3 +79,76 @@ def test_unknown_format_names_the_valid_ones(trained_run, capsys):
     assert "invalid choice: 'coreml'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="valid: savedmodel"):
         formats.convert(None, ["coreml"], ".", None)
+
+
+def _rounded(model):
+    """A copy of model whose convolution kernels are rounded as int8 conversion rounds them."""
+    import keras
+
+    from transfer.model import backbone_of
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for layer in backbone_of(copy).layers:
+        if isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.Conv2D)):
+            axes = (0, 1) if isinstance(layer, keras.layers.DepthwiseConv2D) else (0, 1, 2)
+            layer.kernel.assign(formats._int8_rounding(np.asarray(layer.kernel), axes))
+    return copy
+
+
+def _outputs(model, images, layer_name):
+    """The backbone layer's outputs for 0-255 images."""
+    import keras
+
+    from transfer.model import backbone_of
+
+    backbone = backbone_of(model)
+    x = images
+    for layer in model.layers[1:model.layers.index(backbone)]:  # preprocessing
+        x = layer(x)
+    return np.asarray(keras.Model(backbone.input, backbone.get_layer(layer_name).output)(x))
+
+
+def _mean_shift(model, images, layer_name):
+    """How far int8 weight rounding moves a layer's mean output per channel, without and
+    with bias correction: (uncorrected, corrected), each averaged over channels."""
+    def means(m):
+        return _outputs(m, images, layer_name).mean(axis=(0, 1, 2))
+
+    reference = means(model)
+    corrected = means(_rounded(formats.bias_corrected(model, images)))
+    return np.abs(means(_rounded(model)) - reference).mean(), np.abs(corrected - reference).mean()
+
+
+def test_bias_correction_cancels_the_mean_rounding_error_through_biases():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inner_input = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(8, 3, name="first")(inner_input)  # valid padding: exactly linear
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="depthwise")(x)
+    backbone = keras.Model(inner_input, x, name="backbone")
+    inputs = keras.Input((12, 12, 3))
+    x = backbone(keras.layers.Rescaling(1 / 255)(inputs))
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D(
+        name="pool")(x))
+    model = keras.Model(inputs, outputs)
+    for layer in backbone.layers[1:]:  # biases far from zero make any mistake visible
+        layer.bias.assign(np.random.default_rng(1).normal(size=layer.bias.shape))
+    images = np.random.default_rng(0).uniform(0, 255, (16, 12, 12, 3)).astype("float32")
+    before = [w.copy() for w in model.get_weights()]
+    uncorrected, corrected = _mean_shift(model, images, "first")
+    assert uncorrected > 1e-4 and corrected < 0.05 * uncorrected, (uncorrected, corrected)
+    for old, new in zip(before, model.get_weights()):  # the exported model is left alone
+        np.testing.assert_array_equal(old, new)
+
+
+@pytest.mark.real
+def test_bias_correction_through_batchnorm_on_real_mobilenet(real_weights):
+    from transfer.backbones import get_spec
+    from transfer.model import build_classifier
+
+    model = build_classifier(get_spec("mobilenet_025"), 2, 224)
+    images = np.random.default_rng(0).uniform(0, 255, (8, 224, 224, 3)).astype("float32")
+    uncorrected, corrected = _mean_shift(model, images, "conv_pw_13_relu")  # the last layer
+    assert corrected < 0.5 * uncorrected, (uncorrected, corrected)
