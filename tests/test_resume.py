@@ -22,16 +22,18 @@ def _history(run_dir):
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.parametrize("interrupt, after_rows", [(signal.SIGINT, 3), (signal.SIGKILL, 8)],
-                         ids=["ctrl-c-during-head", "kill-during-fine-tune"])
+@pytest.mark.parametrize("interrupt, after_rows, options", [
+    (signal.SIGINT, 3, []), (signal.SIGKILL, 8, []), (signal.SIGKILL, 8, ["--no-cache"])],
+    ids=["ctrl-c-during-head", "kill-during-fine-tune", "kill-during-fine-tune-no-cache"])
 def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, caplog,
-                                                                     interrupt, after_rows):
+                                                                     interrupt, after_rows,
+                                                                     options):
     dataset = make_dataset(tmp_path / "stripes", per_class=40, validation=8)
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "transfer", "train", "--data", str(dataset),
                "--backbone", "vgg16", "--weights", "none", "--image-size", str(TINY_SIZE),
                "--batch-size", "8", "--epochs", "6", "--fine-tune-epochs", "4",
-               "--patience", "20", "--runs-dir", str(runs)]
+               "--patience", "20", "--runs-dir", str(runs), *options]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -67,6 +69,8 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, ca
     assert len(rows_before) - 1 <= resumed_after <= len(rows_before)
     for name in ("model.keras", "summary.json", "learning_curves.png"):
         assert (run_dir / name).is_file()
+    fed = "on images (--no-cache)" if options else "on cached"  # the resumed phase's feed
+    assert fed in caplog.text.split("resuming after epoch")[0].splitlines()[-1]
     assert not any((run_dir / "backup").rglob("*.h5"))  # checkpoints go once phases finish
 
 

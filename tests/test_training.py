@@ -9,6 +9,7 @@ from conftest import BATCHNORM_BACKBONE, TINY_SIZE, make_dataset, split_of
 from transfer import data
 from transfer.check import class_names
 from transfer.backbones import cut_index, get_spec
+from transfer.cache import CachedFeeds
 from transfer.config import Phase
 from transfer.model import backbone_of, build_classifier, load_model, set_trainable
 from transfer.train import fit_phases, train
@@ -23,34 +24,45 @@ def _changed(before, after):
             if any(not np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
 
 
-@pytest.fixture
-def tiny_model_and_data(dataset):
+@pytest.fixture(params=["images", "cached"])
+def tiny_model_and_feeds(request, dataset, tiny_config):
+    """A BatchNorm backbone's classifier and its feeds: on images, or on cached features."""
     spec = get_spec(BATCHNORM_BACKBONE)
     classes = class_names(dataset / "train")
     model = build_classifier(spec, len(classes), TINY_SIZE, weights="none")
-    train_ds = data.pipeline(split_of(dataset / "train", classes), TINY_SIZE, 4, shuffle_seed=0)
-    val_ds = data.pipeline(split_of(dataset / "validation", classes), TINY_SIZE, 4)
-    return spec, model, train_ds, val_ds
+    splits = {name: split_of(dataset / name, classes) for name in ("train", "validation")}
+
+    def images(split, augment=False, shuffle=False):
+        return data.batched(data.decoded(splits[split], TINY_SIZE), 4,
+                            shuffle_seed=0 if shuffle else None)
+
+    def on_images(phase):
+        return model, images("train", shuffle=True), images("validation"), "images"
+
+    if request.param == "images":
+        return spec, model, on_images
+    cfg = tiny_config(backbone=BATCHNORM_BACKBONE, augment=False)
+    return spec, model, CachedFeeds(model, cfg, cfg.phases(spec.cut), splits["train"],
+                                    splits["validation"], images, verbose=0)
 
 
-def test_phase_one_trains_the_head_only(tiny_model_and_data, tmp_path):
-    spec, model, train_ds, val_ds = tiny_model_and_data
+def test_phase_one_trains_the_head_only(tiny_model_and_feeds, tmp_path):
+    spec, model, feeds = tiny_model_and_feeds
     backbone = backbone_of(model)
     before, head_before = _weights_by_layer(backbone), model.get_layer("probabilities").get_weights()
-    fit_phases(model, [Phase("head", 2, 1e-2, None)], train_ds, val_ds, tmp_path, patience=5,
-               verbose=0)
+    fit_phases(model, [Phase("head", 2, 1e-2, None)], feeds, tmp_path, patience=5, verbose=0)
     assert _changed(before, _weights_by_layer(backbone)) == set()
     assert not np.array_equal(head_before[0], model.get_layer("probabilities").get_weights()[0])
 
 
-def test_phase_two_changes_only_layers_after_the_cut_and_no_batchnorm(tiny_model_and_data,
+def test_phase_two_changes_only_layers_after_the_cut_and_no_batchnorm(tiny_model_and_feeds,
                                                                      tmp_path):
-    spec, model, train_ds, val_ds = tiny_model_and_data
+    spec, model, feeds = tiny_model_and_feeds
     backbone = backbone_of(model)
     before = _weights_by_layer(backbone)
     # Phase 2 alone: with a phase before it, weights that lose to that phase are rolled back.
-    history = fit_phases(model, [Phase("fine_tune", 2, 1e-2, spec.cut)], train_ds, val_ds,
-                         tmp_path, patience=5, verbose=0)
+    history = fit_phases(model, [Phase("fine_tune", 2, 1e-2, spec.cut)], feeds, tmp_path,
+                         patience=5, verbose=0)
     changed = _changed(before, _weights_by_layer(backbone))
     start = cut_index(backbone, spec.cut)
     after_cut = {layer.name for layer in backbone.layers[start:]}

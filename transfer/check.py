@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from transfer.files import write_atomic
+from transfer.files import cache_home, write_atomic
 from transfer.images import IMAGE_EXTENSIONS, ImageError, open_rgb
 
 log = logging.getLogger(__name__)
@@ -213,11 +213,8 @@ def quarantine(bad, data_dir, target):
 
 def cache_file_for(data_dir):
     """Where check results for data_dir are cached: $TRANSFER_CACHE_HOME or ~/.cache/transfer."""
-    home = Path(os.environ.get("TRANSFER_CACHE_HOME",
-                               Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                               / "transfer"))
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
-    return home / "checks" / f"{Path(data_dir).resolve().name}-{digest}.json"
+    return cache_home() / "checks" / f"{Path(data_dir).resolve().name}-{digest}.json"
 
 
 def _cache_key(path):

@@ -65,6 +65,17 @@ def build_parser():
                        help="auto (default): balance the loss over classes when they are "
                             "imbalanced; balanced: always; none: never")
     train.add_argument("--runs-dir", help="where run directories go (default: runs)")
+    train.add_argument("--cache", action=argparse.BooleanOptionalAction,
+                       help="train on cached outputs of the frozen layers (default: on); "
+                            "--no-cache runs the frozen backbone in every step")
+    train.add_argument("--cache-views", type=int,
+                       help="augmented views of each training image to cache (default: 3)")
+    train.add_argument("--cache-memory-mb", type=int,
+                       help="decoded images beyond this go to a file cache in the run "
+                            "directory (default: 2048)")
+    train.add_argument("--cache-disk-mb", type=int,
+                       help="size limit of the feature caches in $TRANSFER_CACHE_HOME; the "
+                            "least recently used are removed first (default: 8192)")
     train.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                        help="continue an interrupted run (default: the newest unfinished run "
                             "of --data) with its own config and split")

@@ -43,6 +43,10 @@ class TrainConfig:
     translation: float = 0.1
     contrast: float = 0.1
     runs_dir: str = "runs"
+    cache: bool = True  # False: the frozen backbone runs in every training step
+    cache_views: int = 3  # augmented views of each training image in the feature caches
+    cache_memory_mb: int = 2048  # decoded images beyond this go to a file cache in the run
+    cache_disk_mb: int = 8192  # feature caches in $TRANSFER_CACHE_HOME, oldest evicted
 
     def phases(self, cut):
         """Phase 1 on the frozen backbone, then phase 2 from `cut` unless it has 0 epochs."""
@@ -64,9 +68,12 @@ class TrainConfig:
         if self.class_weights not in CLASS_WEIGHT_MODES:
             raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHT_MODES)}; "
                              f"received {self.class_weights!r}.")
-        for key in ("batch_size", "epochs", "patience", "seed"):
-            if getattr(self, key) < (0 if key == "seed" else 1):
+        for key in ("batch_size", "epochs", "patience", "cache_views"):
+            if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive integer; received {getattr(self, key)}.")
+        for key in ("seed", "cache_memory_mb", "cache_disk_mb"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be 0 or more; received {getattr(self, key)}.")
         if self.fine_tune_epochs < 0:
             raise ValueError(f"fine_tune_epochs must be 0 (skip phase 2) or more; "
                              f"received {self.fine_tune_epochs}.")

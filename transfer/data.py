@@ -22,7 +22,6 @@ from transfer.images import IMAGE_EXTENSIONS, load_image
 log = logging.getLogger(__name__)
 
 IMBALANCE_RATIO = 1.5  # "auto" weights classes when the largest is this much bigger than the smallest
-CACHE_BUDGET_BYTES = 2 * 1024**3  # decoded images kept in memory up to this size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +180,12 @@ def augmentation(cfg):
     return keras.Sequential(layers, name="augmentation") if layers else None
 
 
-def pipeline(split, size, batch_size, augment=None, shuffle_seed=None):
-    """A batched tf.data pipeline of (float32 0-255 images, labels).
+def decoded(split, size, memory_budget=2 * 1024**3, cache_file=None):
+    """A tf.data dataset of (uint8 image, label), decoded in parallel and only once.
 
-    Each image is decoded once: decoded images are cached in memory when they fit
-    CACHE_BUDGET_BYTES. `augment` (a Keras layer) runs on the batches, for training only.
+    Decoded images are cached in memory when they fit `memory_budget` bytes, else in
+    `cache_file` (a path prefix for tf.data's file cache, in an existing folder), else not at
+    all. Pipelines built on one such dataset share its cache.
     """
     import tensorflow as tf
 
@@ -200,10 +200,24 @@ def pipeline(split, size, batch_size, augment=None, shuffle_seed=None):
     dataset = tf.data.Dataset.from_tensor_slices(
         ([os.fsencode(path) for path in split.paths], np.asarray(split.labels, dtype=np.int32)))
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if len(split) * size * size * 3 <= CACHE_BUDGET_BYTES:
-        dataset = dataset.cache()
+    if len(split) * size * size * 3 <= memory_budget:
+        return dataset.cache()
+    if cache_file is not None:
+        return dataset.cache(str(cache_file))
+    return dataset
+
+
+def batched(dataset, batch_size, augment=None, shuffle_seed=None):
+    """Batches of (float32 0-255 images, labels) from a `decoded` dataset, prefetched.
+
+    `augment` (a Keras layer) runs on the batches, for training only, and differs on every
+    pass; with `shuffle_seed` the order changes on every pass too.
+    """
+    import tensorflow as tf
+
     if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(split), seed=shuffle_seed, reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(dataset.cardinality(), seed=shuffle_seed,
+                                  reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     if augment is not None:
         dataset = dataset.map(lambda x, y: (augment(x, training=True), y),

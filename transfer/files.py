@@ -21,6 +21,12 @@ def atomic_path(path):
             temporary.unlink()
 
 
+def cache_home():
+    """$TRANSFER_CACHE_HOME, else $XDG_CACHE_HOME/transfer or ~/.cache/transfer."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transfer"
+    return Path(os.environ.get("TRANSFER_CACHE_HOME", default))
+
+
 def write_atomic(path, text):
     with atomic_path(path) as temporary:
         temporary.write_text(text)

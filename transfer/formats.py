@@ -110,7 +110,7 @@ def bias_corrected(model, images, batch_size=32):
     """
     import keras
 
-    from transfer.model import backbone_of
+    from transfer.model import backbone_of, image_model
 
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
@@ -121,14 +121,10 @@ def bias_corrected(model, images, batch_size=32):
     for layer in backbone.layers:
         for tensor in keras.tree.flatten(layer.input) if layer.input is not None else []:
             consumers.setdefault(id(tensor), []).append(layer)
-    preprocessing = copy.layers[1:copy.layers.index(backbone)]  # a chain, as model.py builds it
-    probe = keras.Model(backbone.input, [layer.input for layer in convolutions])
+    probe = image_model(copy, [layer.input for layer in convolutions])
     sums = None
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        for layer in preprocessing:
-            x = layer(x)
-        inputs = probe(x)
+        inputs = probe.predict_on_batch(images[start:start + batch_size])
         batch = [np.asarray(x).sum(axis=(0, 1, 2), dtype="float64") for x in inputs]
         sums = batch if sums is None else [a + b for a, b in zip(sums, batch)]
     for layer, total in zip(convolutions, sums):

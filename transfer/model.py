@@ -35,6 +35,16 @@ def backbone_of(model):
     return next(layer for layer in model.layers if isinstance(layer, keras.Model))
 
 
+def image_model(model, outputs):
+    """A model from the classifier's 0-255 images to `outputs`, tensors of its backbone."""
+    backbone = backbone_of(model)
+    inputs = keras.Input(model.input_shape[1:], name=INPUT_NAME)
+    x = inputs
+    for layer in model.layers[1:model.layers.index(backbone)]:  # the preprocessing
+        x = layer(x)
+    return keras.Model(inputs, keras.Model(backbone.input, outputs)(x, training=False))
+
+
 def set_trainable(backbone, unfreeze_from):
     """Freeze the backbone, or unfreeze from the first layer named `unfreeze_from*` onwards.
 

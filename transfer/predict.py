@@ -99,8 +99,12 @@ def error_row(path, error):
 
 
 def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=4):
-    """Yield one row per path: path, label, probability, top_k [(label, p)...], error."""
+    """Yield one row per path: path, label, probability, top_k [(label, p)...], error.
+
+    Images are decoded by `workers` threads, one batch ahead of the model.
+    """
     top_k = max(1, min(top_k, len(predictor.classes)))
+    batches = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
 
     def decode(path):
         try:
@@ -109,12 +113,14 @@ def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=4):
             return None, str(error)
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            decoded = list(pool.map(decode, chunk))
+        pending = [pool.submit(decode, path) for path in batches[0]] if batches else []
+        for index, batch in enumerate(batches):
+            decoded = [future.result() for future in pending]
+            pending = [pool.submit(decode, path) for path in
+                       (batches[index + 1] if index + 1 < len(batches) else [])]
             good = [image for image, error in decoded if error is None]
             probabilities = iter(predictor.predict(np.stack(good)) if good else [])
-            for path, (image, error) in zip(chunk, decoded):
+            for path, (image, error) in zip(batch, decoded):
                 if error is not None:
                     yield error_row(path, error)
                     continue

@@ -25,6 +25,7 @@ HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accurac
                   "learning_rate")
 BEST_WEIGHTS = "best.weights.npz"
 STATE = "state.json"
+IMAGE_CACHE = "image_cache"  # decoded images that exceed the memory budget, during training
 
 
 def train(cfg, verbose="auto"):
@@ -122,6 +123,7 @@ def _split(report, classes):
 
 def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose):
     from transfer import data
+    from transfer.cache import CachedFeeds
 
     started = time.time()
     image_size = model.input_shape[1]
@@ -129,23 +131,45 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose):
     if weights:
         log.info("Class weights (imbalanced classes): %s",
                  ", ".join(f"{classes[label]} {w:.2f}" for label, w in weights.items()))
-    train_ds = data.pipeline(train_split, image_size, cfg.batch_size,
-                             augment=data.augmentation(cfg), shuffle_seed=cfg.seed)
-    val_ds = data.pipeline(val_split, image_size, cfg.batch_size)
+    shutil.rmtree(run_dir / IMAGE_CACHE, ignore_errors=True)  # left by an interrupted run
+    (run_dir / IMAGE_CACHE).mkdir()
+    decoded = {name: data.decoded(split, image_size, cfg.cache_memory_mb * 2**20,
+                                  run_dir / IMAGE_CACHE / name)
+               for name, split in (("train", train_split), ("validation", val_split))}
+    augmentation = data.augmentation(cfg)
+
+    def images(split, augment=False, shuffle=False):
+        return data.batched(decoded[split], cfg.batch_size, augmentation if augment else None,
+                            cfg.seed if shuffle else None)
+
+    def uncached(phase):
+        return (model, images("train", augment=True, shuffle=True), images("validation"),
+                "images (--no-cache)")
+
+    phases = cfg.phases(spec.cut)
+    feeds = CachedFeeds(model, cfg, phases, train_split, val_split, images, verbose) \
+        if cfg.cache else uncached
     try:
-        history = fit_phases(model, cfg.phases(spec.cut), train_ds, val_ds, run_dir,
-                             cfg.patience, verbose, class_weight=weights)
+        history = fit_phases(model, phases, feeds, run_dir, cfg.patience, verbose,
+                             class_weight=weights)
     except KeyboardInterrupt:
         log.warning("Interrupted. Continue with: python -m transfer train --resume %s", run_dir)
         raise
 
     with atomic_path(run_dir / "model.keras") as temporary:
         model.save(temporary)
+    shutil.rmtree(run_dir / IMAGE_CACHE, ignore_errors=True)
     plot_learning_curves(history, run_dir / "learning_curves.png")
     best = min(history, key=lambda row: row["val_loss"])
+    phases = json.loads((run_dir / STATE).read_text())["phases"]
+    for name, phase in phases.items():
+        phase_best = min((row for row in history if row["phase"] == name),
+                         key=lambda row: row["val_loss"])
+        phase.update(val_accuracy=phase_best["val_accuracy"], val_loss=phase_best["val_loss"])
     summary = {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
                "best_epoch": best["epoch"], "best_phase": best["phase"],
-               "epochs": len(history), "seconds": round(time.time() - started, 1)}
+               "epochs": len(history), "seconds": round(time.time() - started, 1),
+               "phases": phases}
     write_json(run_dir / "summary.json", summary)
     log.info("Done in %.0f s: best val_accuracy %.4f (val_loss %.4f, %s epoch %d). Model: %s",
              summary["seconds"], best["val_accuracy"], best["val_loss"], best["phase"],
@@ -153,11 +177,12 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose):
     return run_dir
 
 
-def fit_phases(model, phases, train_ds, val_ds, run_dir, patience, verbose="auto",
-               class_weight=None):
+def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_weight=None):
     """Fit each phase in turn, resumably, and return the per-epoch history of all of them.
 
-    Each phase sets what is trainable and recompiles (trainable changes apply only at
+    Each phase sets what is trainable, asks feeds(phase) for (the model to fit, training
+    data, validation data, a description): the classifier itself on images, or a model
+    sharing its layers on cached features. It recompiles (trainable changes apply only at
     compile), and stops after `patience` epochs without a better validation loss. The model
     ends each phase with the best weights seen so far, of this phase or an earlier one.
     Progress lives in run_dir (history.csv, best weights, state.json and a BackupAndRestore
@@ -169,6 +194,7 @@ def fit_phases(model, phases, train_ds, val_ds, run_dir, patience, verbose="auto
     history = read_history(run_dir / "history.csv")
     state = json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else {}
     completed = state.get("completed", [])
+    timings = state.get("phases", {})
     offset = 0
     for phase in phases:
         phase_rows = [row for row in history if row["phase"] == phase.name]
@@ -177,30 +203,32 @@ def fit_phases(model, phases, train_ds, val_ds, run_dir, patience, verbose="auto
             continue
         if (run_dir / BEST_WEIGHTS).is_file():
             load_weights(model, run_dir / BEST_WEIGHTS)
+        started = time.time()
         set_trainable(backbone_of(model), phase.unfreeze_from)
-        model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        fit_model, train_data, val_data, fed = feeds(phase)
+        fit_model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         # Kept until state.json says the phase is done, so no moment loses a finished phase.
         backup = keras.callbacks.BackupAndRestore(run_dir / "backup" / phase.name,
                                                   double_checkpoint=True, delete_checkpoint=False)
         resumed = _backed_up_epoch(run_dir / "backup" / phase.name)
         history = [row for row in history if row["phase"] != phase.name
                    or (resumed is not None and row["epoch"] <= resumed)]
-        tracker = PhaseTracker(phase.name, phase.learning_rate, history, run_dir, patience)
-        log.info("Phase %s: %s trainable weights (%s), %d epochs at learning rate %g%s",
+        tracker = PhaseTracker(model, phase.name, phase.learning_rate, history, run_dir,
+                               patience)
+        log.info("Phase %s: %s trainable weights (%s), %d epochs at learning rate %g, on %s%s",
                  phase.name, f"{count_trainable(model):,}",
                  f"from {phase.unfreeze_from}" if phase.unfreeze_from else "backbone frozen",
-                 phase.epochs, phase.learning_rate,
+                 phase.epochs, phase.learning_rate, fed,
                  f"; resuming after epoch {resumed}" if resumed is not None else "")
-        started = time.time()
         if not tracker.finished(offset + phase.epochs):
             # BackupAndRestore sets this private start epoch and nothing resets it: clear it so
             # only this phase's own checkpoint can move the start past `offset`.
-            model._initial_epoch = None
-            model.fit(train_ds, validation_data=val_ds, epochs=offset + phase.epochs,
-                      initial_epoch=offset, callbacks=[tracker, backup], verbose=verbose,
-                      class_weight=class_weight,
-                      shuffle=False)  # the pipeline shuffles; Keras cannot shuffle tf.data
+            fit_model._initial_epoch = None
+            fit_model.fit(train_data, validation_data=val_data, epochs=offset + phase.epochs,
+                          initial_epoch=offset, callbacks=[tracker, backup], verbose=verbose,
+                          class_weight=class_weight,
+                          shuffle=False)  # the data shuffles itself
         history = tracker.history
         epochs_run = len([row for row in history if row["phase"] == phase.name])
         offset += epochs_run
@@ -209,7 +237,8 @@ def fit_phases(model, phases, train_ds, val_ds, run_dir, patience, verbose="auto
                              f"never a number. Lower the learning rate ({phase.learning_rate:g}).")
         load_weights(model, run_dir / BEST_WEIGHTS)
         completed.append(phase.name)
-        write_json(run_dir / STATE, {"completed": completed})
+        timings[phase.name] = {"seconds": round(time.time() - started, 1), "fed": fed}
+        write_json(run_dir / STATE, {"completed": completed, "phases": timings})
         shutil.rmtree(run_dir / "backup" / phase.name, ignore_errors=True)
         log.info("Phase %s: %d epochs in %.0f s, best val_loss so far %.4f", phase.name,
                  epochs_run, time.time() - started, tracker.best_loss)
@@ -217,10 +246,14 @@ def fit_phases(model, phases, train_ds, val_ds, run_dir, patience, verbose="auto
 
 
 class PhaseTracker(keras.callbacks.Callback):
-    """History rows, best weights on disk and early stopping for one phase, all resumable."""
+    """History rows, best weights on disk and early stopping for one phase, all resumable.
 
-    def __init__(self, phase, learning_rate, history, run_dir, patience):
+    The best weights saved are the classifier's, whichever model (sharing its layers) is fit.
+    """
+
+    def __init__(self, classifier, phase, learning_rate, history, run_dir, patience):
         super().__init__()
+        self.classifier = classifier
         self.phase, self.learning_rate = phase, learning_rate
         self.history, self.run_dir, self.patience = list(history), run_dir, patience
         self.best_loss = min((row["val_loss"] for row in history), default=math.inf)
@@ -241,7 +274,7 @@ class PhaseTracker(keras.callbacks.Callback):
                   [[r.get(field, "") for field in HISTORY_FIELDS] for r in self.history])
         if row["val_loss"] < self.best_loss:
             self.best_loss = row["val_loss"]
-            save_weights(self.model, self.run_dir / BEST_WEIGHTS)
+            save_weights(self.classifier, self.run_dir / BEST_WEIGHTS)
         if row["val_loss"] < self.phase_best:
             self.phase_best, self.wait = row["val_loss"], 0
         else:

@@ -1,0 +1,329 @@
+"""Feature caches: each training image through the frozen layers about once, not every epoch.
+
+Phase 1 trains the head on a frozen backbone; phase 2 trains the backbone's top blocks while
+everything below the cut stays frozen. A frozen layer is a fixed function of the image, so the
+frozen part's output is computed once for `views` augmented copies of every training image
+(and one plain copy of every validation image), and only the trainable part is fit, on one
+view per image per epoch. The models fit here share their layers with the classifier, so the
+classifier that is saved and exported still takes raw images and holds the whole backbone.
+
+Entries are .npy files in $TRANSFER_CACHE_HOME/features/<key>/, memory-mapped while in use.
+The key hashes all the features depend on (the frozen layers' weights, input size,
+augmentation settings and seed, number of views, and each file's path, size and mtime), so a
+stale entry is never read. The folder stays under its byte budget by removing the least
+recently used entries; an entry larger than the whole budget is not cached.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from transfer.files import cache_home, write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ENTRY_OVERHEAD = 4096  # bytes beside the array: the .npy header and key.json
+
+
+class FeatureStore:
+    """A folder of feature arrays kept under `budget` bytes, least recently used removed first."""
+
+    def __init__(self, root, budget):
+        self.root, self.budget = Path(root), budget
+        self.in_use = set()  # never removed to make room
+
+    def load(self, key):
+        """The entry's array, memory-mapped, or None when there is no complete entry."""
+        path = self.root / key / "features.npy"
+        if not path.is_file():
+            return None
+        os.utime(path.parent)  # most recently used
+        self.in_use.add(key)
+        return np.load(path, mmap_mode="r")
+
+    def create(self, key, parts, shape, dtype, fill):
+        """Make room, call fill(array) on a new [shape] array and store it under key.
+
+        Returns the stored array (memory-mapped), or None when it would not fit the budget.
+        """
+        size = math.prod(shape) * np.dtype(dtype).itemsize + ENTRY_OVERHEAD
+        if size > self.budget:
+            return None
+        self._make_room(size)
+        temporary = self.root / f".tmp-{os.getpid()}-{key}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        try:
+            array = np.lib.format.open_memmap(temporary / "features.npy", "w+", dtype, shape)
+            fill(array)
+            array.flush()
+            del array
+            write_json(temporary / "key.json", parts)
+            os.rename(temporary, self.root / key)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+        return self.load(key)
+
+    def size(self):
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+
+    def _make_room(self, needed):
+        for folder in self.root.glob(".tmp-*"):  # left by a killed run
+            pid = folder.name.split("-")[1]
+            if not pid.isdigit() or not _running(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+        entries = sorted((folder for folder in self.root.glob("*")
+                          if not folder.name.startswith(".") and folder.name not in self.in_use),
+                         key=lambda f: f.stat().st_mtime)
+        total = self.size() if self.root.is_dir() else 0
+        while entries and total + needed > self.budget:
+            oldest = entries.pop(0)
+            freed = sum(f.stat().st_size for f in oldest.rglob("*") if f.is_file())
+            shutil.rmtree(oldest, ignore_errors=True)
+            total -= freed
+            log.info("Feature cache over its %.0f MB budget: removed %s (%.0f MB)",
+                     self.budget / 2**20, oldest.name, freed / 2**20)
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Views(keras.utils.PyDataset):
+    """Batches of (cached features, labels) from a [views, N, ...] array.
+
+    With a shuffle seed, each epoch visits every image once in a new order, and each image
+    steps through its views in turn from a random start, so K epochs see all K views.
+    Without one, batches follow the file order through view 0 (for validation).
+    """
+
+    def __init__(self, features, labels, batch_size, shuffle_seed=None):
+        super().__init__()
+        self.features, self.batch_size = features, batch_size
+        self.labels = np.asarray(labels, dtype=np.int32)
+        count, views = len(self.labels), features.shape[0]
+        self.rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
+        self.start = (np.zeros(count, dtype=np.int64) if self.rng is None
+                      else self.rng.integers(views, size=count))
+        self.epoch = 0
+        self._arrange()
+
+    def _arrange(self):
+        count = len(self.labels)
+        self.order = np.arange(count) if self.rng is None else self.rng.permutation(count)
+        self.view = (self.start + self.epoch) % self.features.shape[0]
+
+    def __len__(self):
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __getitem__(self, index):
+        rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        return self.features[self.view[rows], rows].astype("float32"), self.labels[rows]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self._arrange()
+
+
+def frozen_boundary(backbone, unfreeze_from):
+    """(tensor, None): the one tensor through which the backbone's frozen layers (those
+    before the cut) feed the rest; or (None, why not) when there is no such tensor."""
+    from transfer.backbones import cut_index
+
+    cut = cut_index(backbone, unfreeze_from)
+    frozen = {id(layer) for layer in backbone.layers[:cut]}
+    crossing = {}
+    for layer in backbone.layers[cut:]:
+        for tensor in keras.tree.flatten(layer.input):
+            if id(tensor._keras_history.operation) in frozen:
+                crossing[id(tensor)] = tensor
+    if cut <= 1:
+        return None, f"nothing below {unfreeze_from} is frozen"
+    if len(crossing) != 1:
+        names = sorted(t._keras_history.operation.name for t in crossing.values())
+        return None, (f"the frozen layers feed the layers from {unfreeze_from} on through "
+                      f"{len(crossing)} tensors ({', '.join(names) or 'none a layer makes'}), "
+                      "not one")
+    tensor = next(iter(crossing.values()))
+    try:
+        keras.Model(tensor, backbone.output)
+    except ValueError as error:  # an operation that is not a layer also crosses the cut
+        name = tensor._keras_history.operation.name
+        return None, f"the layers from {unfreeze_from} on need more than {name}'s output: {error}"
+    return tensor, None
+
+
+class CachedFeeds:
+    """What each phase fits: a model sharing the classifier's trainable layers, on cached
+    outputs of the frozen ones, or (where that is not valid) the classifier on images.
+
+    `images(split, augment=False, shuffle=False)` gives the batched image pipelines. Called
+    with a Phase, returns (model to fit, training data, validation data, how it is fed).
+    """
+
+    def __init__(self, classifier, cfg, phases, train_split, val_split, images, verbose=1):
+        from transfer.data import augmentation
+
+        self.classifier, self.cfg, self.images, self.verbose = classifier, cfg, images, verbose
+        self.splits = {"train": train_split, "validation": val_split}
+        self.augmented = augmentation(cfg) is not None
+        self.views = cfg.cache_views if self.augmented else 1  # else all views would be equal
+        self.store = FeatureStore(cache_home() / "features", cfg.cache_disk_mb * 2**20)
+        self.cut = next((p.unfreeze_from for p in phases if p.unfreeze_from), None)
+
+    def __call__(self, phase):
+        if phase.unfreeze_from is None:
+            pooled = self._pooled()
+            if pooled is None:
+                return self._fallback(f"the pooled features exceed the "
+                                      f"{self.cfg.cache_disk_mb} MB cache budget")
+            return _head_model(self.classifier), *self._feeds(pooled), "cached backbone features"
+        tensor, reason = frozen_boundary(self._backbone(), phase.unfreeze_from)
+        if tensor is None:
+            return self._fallback(reason)
+        below = self._below(tensor)
+        if below is None:
+            return self._fallback(f"the outputs of the layers below {phase.unfreeze_from} "
+                                  f"exceed the {self.cfg.cache_disk_mb} MB cache budget")
+        top = keras.Model(tensor, self._backbone().output)
+        return (_top_model(self.classifier, top), *self._feeds(below),
+                f"cached outputs of the frozen layers below {phase.unfreeze_from}")
+
+    def _backbone(self):
+        from transfer.model import backbone_of
+
+        return backbone_of(self.classifier)
+
+    def _fallback(self, reason):
+        log.info("Not caching: %s; the frozen layers run in every step.", reason)
+        return (self.classifier, self.images("train", augment=True, shuffle=True),
+                self.images("validation"), f"images ({reason})")
+
+    def _feeds(self, features):
+        train, val = features
+        return (Views(train, self.splits["train"].labels, self.cfg.batch_size, self.cfg.seed),
+                Views(val, self.splits["validation"].labels, self.cfg.batch_size))
+
+    def _below(self, tensor):
+        """(train, validation) outputs of the frozen layers at `tensor`, or None."""
+        from transfer.model import image_model
+
+        extractor = image_model(self.classifier, tensor)
+        level = f"below {tensor._keras_history.operation.name}"
+        return self._features(level, extractor, extractor, "float16", self._image_batches)
+
+    def _pooled(self):
+        """(train, validation) pooled backbone outputs, or None. Computed from phase 2's
+        cache when there is one: one pass through the frozen layers then serves both."""
+        classifier = self.classifier
+        pooled = keras.Model(classifier.input, classifier.get_layer("pool").output)
+        tensor = frozen_boundary(self._backbone(), self.cut)[0] if self.cut else None
+        below = self._below(tensor) if tensor is not None else None
+        if below is None:
+            return self._features("pooled", pooled, pooled, "float32", self._image_batches)
+        inputs = keras.Input(tensor.shape[1:])
+        top = keras.Model(tensor, self._backbone().output)
+        from_below = keras.Model(inputs, classifier.get_layer("pool")(top(inputs, training=False)))
+        return self._features("pooled", pooled, from_below, "float32",
+                              _array_batches(below, self.cfg.batch_size))
+
+    def _features(self, level, keyed_by, extractor, dtype, batches):
+        """(train, validation) arrays of the features at `level`, from the store or computed
+        with extractor over batches(split)(view); None when they exceed the budget.
+
+        keyed_by: the model from images to these features, whose weights the key hashes.
+        """
+        arrays = []
+        for split in ("train", "validation"):
+            views = self.views if split == "train" else 1
+            parts = self._key_parts(level, keyed_by, split, views)
+            key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+            array = self.store.load(key)
+            if array is not None:
+                log.info("Using cached %s features of the %s images (%s)", level, split,
+                         self.store.root / key)
+            else:
+                shape = (views, len(self.splits[split]), *extractor.output_shape[1:])
+                array = self.store.create(key, parts, shape, dtype, lambda out: self._fill(
+                    out, extractor, batches(split), f"{level} {split}"))
+                if array is None:
+                    return None
+            arrays.append(array)
+        return arrays
+
+    def _fill(self, out, extractor, batches, what):
+        started = time.time()
+        views, count = out.shape[:2]
+        progress = (keras.utils.Progbar(views * count, verbose=1 if self.verbose == 1 else 2,
+                                        unit_name="image") if self.verbose else None)
+        for view in range(views):
+            start = 0
+            for x in batches(view):
+                y = extractor.predict_on_batch(x)
+                out[view, start:start + len(y)] = y
+                start += len(y)
+                if progress:
+                    progress.add(len(y))
+        log.info("Cached %s features: %d view(s) of %d images in %.1f s", what, views, count,
+                 time.time() - started)
+
+    def _image_batches(self, split):
+        dataset = self.images(split, augment=split == "train")
+        return lambda view: (images for images, _ in dataset)  # a new augmentation per view
+
+    def _key_parts(self, level, model, split, views):
+        digest = hashlib.sha256()
+        for weight in model.weights:
+            digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+        files = hashlib.sha256()
+        for path in self.splits[split].paths:
+            stat = os.stat(path)
+            files.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        cfg = self.cfg
+        augmentation = ({key: getattr(cfg, key) for key in ("flip", "rotation", "zoom",
+                                                           "translation", "contrast", "seed")}
+                        if split == "train" and self.augmented else None)
+        return {"version": FORMAT_VERSION, "level": level, "backbone": cfg.backbone,
+                "image_size": model.input_shape[1], "weights_sha256": digest.hexdigest(),
+                "split": split, "views": views, "augmentation": augmentation,
+                "files_sha256": files.hexdigest()}
+
+
+def _array_batches(arrays, batch_size):
+    """batches(split)(view): batches of a cached (train, validation) pair, as float32."""
+    def batches(split):
+        array = arrays[0 if split == "train" else 1]
+        return lambda view: (np.asarray(array[view, i:i + batch_size], dtype="float32")
+                             for i in range(0, array.shape[1], batch_size))
+
+    return batches
+
+
+def _head_model(classifier):
+    """The classifier's head (dropout, dense) on pooled features, sharing its layers."""
+    inputs = keras.Input(classifier.get_layer("pool").output.shape[1:], name="pooled_features")
+    outputs = classifier.get_layer("probabilities")(classifier.get_layer("dropout")(inputs))
+    return keras.Model(inputs, outputs, name="head")
+
+
+def _top_model(classifier, top):
+    """The backbone's top (a Model from the frozen boundary) and the head, sharing layers."""
+    inputs = keras.Input(top.input_shape[1:], name="frozen_features")
+    x = classifier.get_layer("pool")(top(inputs, training=False))
+    outputs = classifier.get_layer("probabilities")(classifier.get_layer("dropout")(x))
+    return keras.Model(inputs, outputs, name="top")
