@@ -3,6 +3,7 @@ import http.server
 import threading
 import zipfile
 
+import numpy as np
 import pytest
 
 from conftest import make_dataset, split_of
@@ -96,3 +97,40 @@ def test_class_weights_balance_only_imbalanced_classes():
     assert data.class_weights([0] * 8 + [1] * 2, 2, "none") is None
     with pytest.raises(ValueError, match="auto, balanced, none"):
         data.class_weights([0, 1], 2, "equal")
+
+
+def _augment(images, **settings):
+    import tensorflow as tf
+
+    from transfer.layers import RandomAffine
+
+    layer = RandomAffine(**settings, seed=0)
+    return np.stack([tf.function(lambda x: layer(x, training=True))(images).numpy()
+                     for _ in range(4)])  # 4 draws, as 4 epochs through tf.data would see
+
+
+def test_random_affine_flips_exactly_and_does_nothing_when_off():
+    images = np.random.default_rng(0).uniform(0, 255, (8, 12, 10, 3)).astype("float32")
+    still = _augment(images, flip="none")
+    np.testing.assert_allclose(still, np.broadcast_to(images, still.shape), atol=1e-3)
+    flipped = _augment(images, flip="horizontal")
+    mirrored = images[:, :, ::-1]
+    for draw in flipped:
+        for image, original, mirror in zip(draw, images, mirrored):
+            assert (np.allclose(image, original, atol=1e-3)
+                    or np.allclose(image, mirror, atol=1e-3))
+    assert not np.allclose(flipped[0], flipped[1])  # new draws every time
+    from transfer.layers import RandomAffine
+
+    np.testing.assert_array_equal(RandomAffine(rotation=0.5)(images, training=False), images)
+
+
+def test_random_affine_rotates_zooms_and_shifts_within_the_pixel_range():
+    images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype("float32")
+    for settings in ({"rotation": 0.1}, {"zoom": 0.2}, {"translation": 0.2}):
+        moved = _augment(images, flip="none", **settings)
+        assert moved.shape == (4, *images.shape)
+        assert not np.allclose(moved[0], images, atol=1)  # every setting moves pixels
+        assert moved.min() >= -1e-3 and moved.max() <= 255 + 1e-3  # reflected, interpolated
+    upright = _augment(images[:1], flip="none", rotation=1e-9)  # the transform's centre is right
+    np.testing.assert_allclose(upright[0, 0], images[0], atol=1e-2)

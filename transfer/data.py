@@ -163,18 +163,14 @@ def augmentation(cfg):
     """The training-only augmentation as one Keras Sequential, or None when it is off."""
     import keras
 
+    from transfer.layers import RandomAffine
+
     if not cfg.augment:
         return None
     layers = []
-    if cfg.flip != "none":
-        layers.append(keras.layers.RandomFlip(cfg.flip, seed=cfg.seed))
-    if cfg.rotation:
-        layers.append(keras.layers.RandomRotation(cfg.rotation, seed=cfg.seed))
-    if cfg.zoom:
-        layers.append(keras.layers.RandomZoom(cfg.zoom, seed=cfg.seed))
-    if cfg.translation:
-        layers.append(keras.layers.RandomTranslation(cfg.translation, cfg.translation,
-                                                     seed=cfg.seed))
+    if cfg.flip != "none" or cfg.rotation or cfg.zoom or cfg.translation:
+        layers.append(RandomAffine(cfg.flip, cfg.rotation, cfg.zoom, cfg.translation,
+                                   seed=cfg.seed))
     if cfg.contrast:
         layers.append(keras.layers.RandomContrast(cfg.contrast, seed=cfg.seed))
     return keras.Sequential(layers, name="augmentation") if layers else None

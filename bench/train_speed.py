@@ -1,0 +1,142 @@
+"""Training with the feature caches against --no-cache, on a real data set, in one run.
+
+Each of --repeats rounds trains the same configuration twice with the command `make train`
+runs (`python -m transfer train`): with the caches, starting cold from an empty
+$TRANSFER_CACHE_HOME, and with --no-cache. It also times one plain forward pass of the
+backbone (and pooling) over the decoded training images. Prints one JSON line of medians:
+
+- phase1_ratio, phase2_ratio: cached / uncached wall time of each phase (targets 0.35, 0.5).
+  Phase 1 pays for caching the frozen layers' outputs, which phase 2 then reuses.
+- phase1_limit_ratio: cached phase 1 / (views x the plain forward pass) (target 2).
+- every phase's validation accuracy both ways, and the whole run's wall time and peak RSS.
+
+    KERAS_HOME=/tmp/keras_home python bench/train_speed.py --data ../shared/datasets/cats_dogs
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TARGETS = {"phase1_ratio": 0.35, "phase2_ratio": 0.5, "phase1_limit_ratio": 2.0}
+
+
+def train_once(data, backbone, runs_dir, cache_home, extra):
+    """Run one training; returns (its summary.json, wall seconds, peak RSS in MB)."""
+    command = [sys.executable, "-m", "transfer", "train", "--data", str(data), "--backbone",
+               backbone, "--runs-dir", str(runs_dir), *extra]
+    env = os.environ | {"TRANSFER_CACHE_HOME": str(cache_home)}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    errors = process.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{errors[-3000:]}")
+    run_dir = max(Path(runs_dir).glob("*/*"), key=lambda p: p.stat().st_mtime)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary, seconds, usage.ru_maxrss / 1024
+
+
+def forward_pass(data, backbone, rounds):
+    """Seconds for one plain forward pass of the backbone and pooling over the training set,
+    on images decoded beforehand, once per round; and the number of training images."""
+    import keras
+    import numpy as np
+
+    from transfer.backbones import get_spec
+    from transfer.check import class_names, list_images
+    from transfer.images import load_image
+    from transfer.model import build_classifier
+
+    spec = get_spec(backbone)
+    train_dir = Path(data) / "train"
+    files = [f for name in class_names(train_dir) for f in list_images(train_dir / name).images]
+    images = np.stack([load_image(f, spec.default_size) for f in files]).astype("float32")
+    model = build_classifier(spec, 2, spec.default_size)
+    pooled = keras.Model(model.input, model.get_layer("pool").output)
+    pooled.predict(images[:64], batch_size=32, verbose=0)  # traced before timing
+    timings = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        pooled.predict(images, batch_size=32, verbose=0)
+        timings.append(time.perf_counter() - started)
+    return timings, len(files)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/cats_dogs"))
+    parser.add_argument("--backbone", default="mobilenet_025")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="train-speed-") as scratch:
+        for round_ in range(args.repeats):
+            row = {}
+            for mode, extra in (("cached", []), ("uncached", ["--no-cache"])):
+                cache_home = Path(scratch) / f"cache-{round_}-{mode}"  # cold every time
+                summary, seconds, rss = train_once(args.data, args.backbone,
+                                                   Path(scratch) / f"runs-{round_}-{mode}",
+                                                   cache_home, extra)
+                row[mode] = {"summary": summary, "seconds": seconds, "rss_mb": rss}
+                print(f"round {round_ + 1} {mode}: {seconds:.0f} s, phases "
+                      f"{json.dumps(summary['phases'])}", file=sys.stderr)
+            rows.append(row)
+        forward, train_images = forward_pass(args.data, args.backbone, args.repeats)
+    from transfer.config import TrainConfig
+
+    views = TrainConfig().cache_views
+
+    def median(mode, *keys):
+        values = []
+        for row in rows:
+            value = row[mode]
+            for key in keys:
+                value = value[key]
+            values.append(value)
+        return statistics.median(values)
+
+    def ratio(phase):
+        return statistics.median(row["cached"]["summary"]["phases"][phase]["seconds"]
+                                 / row["uncached"]["summary"]["phases"][phase]["seconds"]
+                                 for row in rows)
+
+    result = {
+        "bench": "train_speed", "data": str(args.data), "backbone": args.backbone,
+        "repeats": args.repeats, "views": views, "train_images": train_images,
+        "phase1_ratio": round(ratio("head"), 3),
+        "phase2_ratio": round(ratio("fine_tune"), 3),
+        "phase1_limit_ratio": round(statistics.median(
+            row["cached"]["summary"]["phases"]["head"]["seconds"] / (views * f)
+            for row, f in zip(rows, forward)), 3),
+        "forward_pass_s": round(statistics.median(forward), 2),
+    }
+    for mode in ("cached", "uncached"):
+        for phase in ("head", "fine_tune"):
+            result[f"{phase}_s_{mode}"] = round(median(mode, "summary", "phases", phase,
+                                                       "seconds"), 1)
+            result[f"{phase}_val_accuracy_{mode}"] = round(median(
+                mode, "summary", "phases", phase, "val_accuracy"), 4)
+        result[f"val_accuracy_{mode}"] = round(median(mode, "summary", "val_accuracy"), 4)
+        result[f"train_wall_s_{mode}"] = round(median(mode, "seconds"), 1)
+        result[f"peak_rss_mb_{mode}"] = round(median(mode, "rss_mb"))
+    result["targets"] = TARGETS
+    result["met"] = {key: result[key] <= limit for key, limit in TARGETS.items()} | {
+        f"{phase}_accuracy_no_lower": result[f"{phase}_val_accuracy_cached"]
+        >= result[f"{phase}_val_accuracy_uncached"] for phase in ("head", "fine_tune")}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
