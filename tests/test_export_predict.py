@@ -107,6 +107,14 @@ def test_predict_keras_and_savedmodel_agree_and_report_bad_files(trained_run, tm
     from_keras = list(predict_paths(Predictor(run_dir), paths, batch_size=3))
     from_savedmodel = list(predict_paths(Predictor(export.parent), paths, batch_size=4))
     assert [r["label"] for r in from_keras] == [r["label"] for r in from_savedmodel]
+    # Batches decoded ahead keep every row with its own image: the same as one at a time.
+    assert [r["path"] for r in from_keras] == [str(p) for p in paths]
+    one_by_one = list(predict_paths(Predictor(run_dir), paths, batch_size=1, workers=1))
+    for batched_row, single_row in zip(from_keras, one_by_one):
+        assert batched_row["error"] == single_row["error"]
+        if not single_row["error"]:
+            assert batched_row["probability"] == pytest.approx(single_row["probability"],
+                                                               abs=1e-5)
     bad = [r for r in from_keras if r["error"]]
     assert [r["path"].endswith("corrupt.jpg") for r in bad] == [True]
     good = [r for r in from_keras if not r["error"]]

@@ -98,15 +98,10 @@ def _rounded(model):
 
 def _outputs(model, images, layer_name):
     """The backbone layer's outputs for 0-255 images."""
-    import keras
+    from transfer.model import backbone_of, image_model
 
-    from transfer.model import backbone_of
-
-    backbone = backbone_of(model)
-    x = images
-    for layer in model.layers[1:model.layers.index(backbone)]:  # preprocessing
-        x = layer(x)
-    return np.asarray(keras.Model(backbone.input, backbone.get_layer(layer_name).output)(x))
+    layer = backbone_of(model).get_layer(layer_name)
+    return image_model(model, layer.output).predict_on_batch(images)
 
 
 def _mean_shift(model, images, layer_name):

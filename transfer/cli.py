@@ -69,7 +69,7 @@ def build_parser():
                        help="train on cached outputs of the frozen layers (default: on); "
                             "--no-cache runs the frozen backbone in every step")
     train.add_argument("--cache-views", type=int,
-                       help="augmented views of each training image to cache (default: 3)")
+                       help="augmented views of each training image to cache (default: 2)")
     train.add_argument("--cache-memory-mb", type=int,
                        help="decoded images beyond this go to a file cache in the run "
                             "directory (default: 2048)")

@@ -44,7 +44,7 @@ class TrainConfig:
     contrast: float = 0.1
     runs_dir: str = "runs"
     cache: bool = True  # False: the frozen backbone runs in every training step
-    cache_views: int = 3  # augmented views of each training image in the feature caches
+    cache_views: int = 2  # augmented views of each training image in the feature caches
     cache_memory_mb: int = 2048  # decoded images beyond this go to a file cache in the run
     cache_disk_mb: int = 8192  # feature caches in $TRANSFER_CACHE_HOME, oldest evicted
 
