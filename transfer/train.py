@@ -161,7 +161,7 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose):
     shutil.rmtree(run_dir / IMAGE_CACHE, ignore_errors=True)
     plot_learning_curves(history, run_dir / "learning_curves.png")
     best = min(history, key=lambda row: row["val_loss"])
-    phases = json.loads((run_dir / STATE).read_text())["phases"]
+    phases = json.loads((run_dir / STATE).read_text()).get("phases", {})
     for name, phase in phases.items():
         phase_best = min((row for row in history if row["phase"] == name),
                          key=lambda row: row["val_loss"])
