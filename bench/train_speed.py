@@ -30,10 +30,10 @@ sys.path.insert(0, str(REPO))
 TARGETS = {"phase1_ratio": 0.35, "phase2_ratio": 0.5, "phase1_limit_ratio": 2.0}
 
 
-def train_once(data, backbone, runs_dir, cache_home, extra):
+def train_once(data, backbone, weights, runs_dir, cache_home, extra):
     """Run one training; returns (its summary.json, wall seconds, peak RSS in MB)."""
     command = [sys.executable, "-m", "transfer", "train", "--data", str(data), "--backbone",
-               backbone, "--runs-dir", str(runs_dir), *extra]
+               backbone, "--weights", weights, "--runs-dir", str(runs_dir), *extra]
     env = os.environ | {"TRANSFER_CACHE_HOME": str(cache_home)}
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -48,7 +48,7 @@ def train_once(data, backbone, runs_dir, cache_home, extra):
     return summary, seconds, usage.ru_maxrss / 1024
 
 
-def parts(data, backbone, rounds):
+def parts(data, backbone, weights, rounds):
     """Per round, seconds over the training set for: one plain forward pass of the backbone
     and pooling (batches of 32 decoded images, as the caches run it), decoding, and one pass
     of the augmentation alone. Also returns the number of training images."""
@@ -64,7 +64,7 @@ def parts(data, backbone, rounds):
     train_dir = Path(data) / "train"
     files = [str(f) for name in class_names(train_dir) for f in list_images(train_dir / name).images]
     split = Split(tuple(files), (0,) * len(files))
-    model = build_classifier(spec, 2, spec.default_size)
+    model = build_classifier(spec, 2, spec.default_size, weights)
     pooled = keras.Model(model.input, model.get_layer("pool").output)
     augment = augmentation(TrainConfig())
     timings = {"forward_pass_s": [], "decode_s": [], "augment_s": []}
@@ -89,6 +89,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/cats_dogs"))
     parser.add_argument("--backbone", default="mobilenet_025")
+    parser.add_argument("--weights", default="imagenet",
+                        help="imagenet, or none: speed does not depend on the weights")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--views", type=int, help="--cache-views for the cached runs "
                                                   "(default: the training default)")
@@ -104,14 +106,14 @@ def main():
             for mode, extra in (("cached", ["--cache-views", str(views)]),
                                 ("uncached", ["--no-cache"])):
                 cache_home = Path(scratch) / f"cache-{round_}-{mode}"  # cold every time
-                summary, seconds, rss = train_once(args.data, args.backbone,
+                summary, seconds, rss = train_once(args.data, args.backbone, args.weights,
                                                    Path(scratch) / f"runs-{round_}-{mode}",
                                                    cache_home, extra)
                 row[mode] = {"summary": summary, "seconds": seconds, "rss_mb": rss}
                 print(f"round {round_ + 1} {mode}: {seconds:.0f} s, phases "
                       f"{json.dumps(summary['phases'])}", file=sys.stderr)
             rows.append(row)
-        measured, train_images = parts(args.data, args.backbone, args.repeats)
+        measured, train_images = parts(args.data, args.backbone, args.weights, args.repeats)
 
     def median(mode, *keys):
         values = []
@@ -129,6 +131,7 @@ def main():
 
     result = {
         "bench": "train_speed", "data": str(args.data), "backbone": args.backbone,
+        "weights": args.weights,
         "repeats": args.repeats, "views": views, "train_images": train_images,
         "phase1_ratio": round(ratio("head"), 3),
         "phase2_ratio": round(ratio("fine_tune"), 3),
