@@ -12,6 +12,7 @@ from conftest import TINY_SIZE, make_dataset, split_of
 from transfer import data
 from transfer.backbones import get_spec
 from transfer.cache import FeatureStore, Views, frozen_boundary
+from transfer.export import export_savedmodel
 from transfer.images import load_image
 from transfer.model import load_model
 from transfer.train import train
@@ -31,6 +32,19 @@ def _structure(model):
             for layer in model._flatten_layers()]
 
 
+def _signatures(version):
+    """{signature: (inputs, outputs)}, each {name: (shape, dtype)}, of a SavedModel."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(version))
+
+    def specs(structure):
+        return {name: (tuple(spec.shape), spec.dtype.name) for name, spec in structure.items()}
+
+    return {name: (specs(fn.structured_input_signature[1]), specs(fn.structured_outputs))
+            for name, fn in loaded.signatures.items()}
+
+
 def test_cached_and_uncached_runs_give_the_same_model(tiny_config, tmp_path, caplog):
     dataset = make_dataset(tmp_path / "stripes", per_class=24, validation=8)
     settings = dict(data=str(dataset), epochs=8, fine_tune_epochs=2, batch_size=8,
@@ -46,6 +60,11 @@ def test_cached_and_uncached_runs_give_the_same_model(tiny_config, tmp_path, cap
     assert _structure(model) == _structure(reference)
     assert model.input_shape == (None, TINY_SIZE, TINY_SIZE, 3)
     assert model.count_params() == reference.count_params()
+    exports = [export_savedmodel(m, ["horizontal", "vertical"], tmp_path / "exports" / name)
+               for m, name in ((model, "cached"), (reference, "plain"))]
+    assert _signatures(exports[0]) == _signatures(exports[1])
+    assert _signatures(exports[0])["serving_default"][0] == {
+        "images": ((None, TINY_SIZE, TINY_SIZE, 3), "float32")}
     summaries = [json.loads((run / "summary.json").read_text()) for run in (cached, plain)]
     assert summaries[0]["phases"]["head"]["fed"] == "cached backbone features"
     assert summaries[1]["phases"]["fine_tune"]["fed"] == "images (--no-cache)"
