@@ -1,4 +1,4 @@
-"""Command line: python -m transfer {train,check,backbones,export,serve,predict}.
+"""Command line: python -m transfer {train,check,backbones,inspect,export,serve,predict}.
 
 The only module that prints.
 """
@@ -90,6 +90,13 @@ def build_parser():
     backbones.set_defaults(command=cmd_backbones)
     backbones.add_argument("--layers", metavar="BACKBONE",
                            help="list this backbone's layer names instead (cut candidates)")
+
+    inspect = commands.add_parser(
+        "inspect", help="a backbone's convolution and pooling layers: output size, parameters, "
+                        "receptive field, stride and FLOPs")
+    inspect.set_defaults(command=cmd_inspect)
+    inspect.add_argument("backbone", help="backbone name; see `python -m transfer backbones`")
+    inspect.add_argument("--image-size", type=int, help="input size (default: the backbone's)")
 
     export = commands.add_parser("export", help="export a trained run as a SavedModel")
     export.set_defaults(command=cmd_export)
@@ -198,6 +205,13 @@ def cmd_backbones(args):
         backbone = spec.build(spec.default_size, weights=None)
         print(f"{spec.name:<18} {spec.default_size:>5} {spec.min_size:>4} "
               f"{backbone.count_params() / 1e6:>7.1f}M {spec.preprocessing:<10} {spec.cut}")
+
+
+def cmd_inspect(args):
+    from transfer.inspect import format_table, inspect_backbone
+
+    rows, backbone = inspect_backbone(args.backbone, args.image_size)
+    print(format_table(rows, backbone))
 
 
 def _require_positive(args, *keys):
