@@ -28,6 +28,9 @@ class BackboneSpec:
         rescales inside itself).
     cut: name prefix of the first layer to fine-tune. That layer and every layer after it in
         the backbone's layer order are unfrozen in phase 2; it always starts a whole block.
+    gradcam_layer: the layer whose output Grad-CAM weighs, the last convolutional block's;
+        None means the backbone's own output, which is that block's output in every row but
+        VGG's (whose output is pooled once more).
     """
 
     name: str
@@ -38,6 +41,7 @@ class BackboneSpec:
     min_size: int
     cut: str
     kwargs: tuple = ()  # extra constructor arguments as (key, value) pairs
+    gradcam_layer: str | None = None
 
     def build(self, image_size, weights="imagenet"):
         """The headless backbone for `image_size` square RGB inputs.
@@ -76,18 +80,19 @@ def _weights_help(name, message):
     )
 
 
-def _row(name, constructor, module, preprocessing, default_size, min_size, cut, **kwargs):
+def _row(name, constructor, module, preprocessing, default_size, min_size, cut,
+         gradcam_layer=None, **kwargs):
     return BackboneSpec(
         name, constructor, module, preprocessing, default_size, min_size, cut,
-        tuple(sorted(kwargs.items())),
+        tuple(sorted(kwargs.items())), gradcam_layer,
     )
 
 
 BACKBONES = {
     spec.name: spec
     for spec in [
-        _row("vgg16", "VGG16", "vgg16", "caffe", 224, 32, "block5_"),
-        _row("vgg19", "VGG19", "vgg19", "caffe", 224, 32, "block5_"),
+        _row("vgg16", "VGG16", "vgg16", "caffe", 224, 32, "block5_", "block5_conv3"),
+        _row("vgg19", "VGG19", "vgg19", "caffe", 224, 32, "block5_", "block5_conv4"),
         _row("resnet50", "ResNet50", "resnet", "caffe", 224, 32, "conv5_"),
         _row("resnet101", "ResNet101", "resnet", "caffe", 224, 32, "conv5_"),
         _row("resnet152", "ResNet152", "resnet", "caffe", 224, 32, "conv5_"),

@@ -1,4 +1,4 @@
-"""Command line: python -m transfer {train,check,backbones,inspect,export,serve,predict}.
+"""Command line: python -m transfer {train,check,backbones,inspect,evaluate,export,serve,predict}.
 
 The only module that prints.
 """
@@ -65,6 +65,9 @@ def build_parser():
                        help="auto (default): balance the loss over classes when they are "
                             "imbalanced; balanced: always; none: never")
     train.add_argument("--runs-dir", help="where run directories go (default: runs)")
+    train.add_argument("--evaluate", action=argparse.BooleanOptionalAction,
+                       help="write the evaluation report (report.html, metrics.json) on the "
+                            "validation images at the end (default: on)")
     train.add_argument("--cache", action=argparse.BooleanOptionalAction,
                        help="train on cached outputs of the frozen layers (default: on); "
                             "--no-cache runs the frozen backbone in every step")
@@ -90,6 +93,15 @@ def build_parser():
     backbones.set_defaults(command=cmd_backbones)
     backbones.add_argument("--layers", metavar="BACKBONE",
                            help="list this backbone's layer names instead (cut candidates)")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="write the evaluation report of a trained model on a folder of images")
+    evaluate.set_defaults(command=cmd_evaluate)
+    evaluate.add_argument("--model", required=True,
+                          help="a run directory or its model.keras")
+    evaluate.add_argument("data_folder", help="folder of <class>/ folders of images")
+    evaluate.add_argument("--output", help="where report.html, metrics.json and the PNGs go "
+                                           "(default: the run directory)")
 
     inspect = commands.add_parser(
         "inspect", help="a backbone's convolution and pooling layers: output size, parameters, "
@@ -140,6 +152,9 @@ def build_parser():
                                            "(comma-separated, or a file of names); a model "
                                            "with other classes is an error")
     predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--explain", metavar="DIR",
+                         help="also write a Grad-CAM overlay of each image into DIR (needs a "
+                              "run directory or .keras model)")
     return parser
 
 
@@ -205,6 +220,12 @@ def cmd_backbones(args):
         backbone = spec.build(spec.default_size, weights=None)
         print(f"{spec.name:<18} {spec.default_size:>5} {spec.min_size:>4} "
               f"{backbone.count_params() / 1e6:>7.1f}M {spec.preprocessing:<10} {spec.cut}")
+
+
+def cmd_evaluate(args):
+    from transfer.evaluate import evaluate_folder
+
+    print(evaluate_folder(args.model, args.data_folder, args.output) / "report.html")
 
 
 def cmd_inspect(args):
@@ -299,7 +320,7 @@ def cmd_serve(args):
 
 
 def cmd_predict(args):
-    from transfer.predict import (Predictor, check_classes, error_row, expand_paths,
+    from transfer.predict import (Predictor, check_classes, error_row, expand_paths, explain,
                                   predict_paths, write_rows)
 
     _require_positive(args, "top_k", "batch_size")
@@ -307,10 +328,14 @@ def cmd_predict(args):
     if not paths and not problems:
         raise FileNotFoundError(f"No images found in {', '.join(args.images)}.")
     predictor = Predictor(args.model)
+    if args.explain:
+        predictor.require_keras("--explain")
     if args.classes:
         check_classes(predictor, args.classes)
     rows = [error_row(path, reason) for path, reason in problems]
     rows += predict_paths(predictor, paths, args.batch_size, args.top_k)
+    if args.explain:
+        explain(predictor, rows, args.explain)
     fmt = "json" if args.output and args.output.endswith(".json") else "csv"
     if args.output:
         with open(args.output, "w", newline="") as handle:

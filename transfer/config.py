@@ -43,6 +43,7 @@ class TrainConfig:
     translation: float = 0.1
     contrast: float = 0.1
     runs_dir: str = "runs"
+    evaluate: bool = True  # write the evaluation report on the validation images at the end
     cache: bool = True  # False: the frozen backbone runs in every training step
     cache_views: int = 2  # augmented views of each training image in the feature caches
     cache_memory_mb: int = 2048  # decoded images beyond this go to a file cache in the run

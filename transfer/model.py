@@ -35,12 +35,14 @@ def backbone_of(model):
     return next(layer for layer in model.layers if isinstance(layer, keras.Model))
 
 
-def image_model(model, outputs):
-    """A model from the classifier's 0-255 images to `outputs`, tensors of its backbone."""
-    backbone = backbone_of(model)
+def image_model(model, outputs, backbone=None):
+    """A model from the classifier's 0-255 images to `outputs`, tensors of its backbone or
+    of `backbone` (another copy of it, e.g. with its original weights)."""
+    preprocessing = model.layers[1:model.layers.index(backbone_of(model))]
+    backbone = backbone or backbone_of(model)
     inputs = keras.Input(model.input_shape[1:], name=INPUT_NAME)
     x = inputs
-    for layer in model.layers[1:model.layers.index(backbone)]:  # the preprocessing
+    for layer in preprocessing:
         x = layer(x)
     return keras.Model(inputs, keras.Model(backbone.input, outputs)(x, training=False))
 

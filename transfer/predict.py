@@ -31,6 +31,7 @@ class Predictor:
                 raise ValueError(f"{path} is not a model; expected {', '.join(MODEL_FORMATS)}.")
             path = found[max(found)]
         self.path = path
+        self.model = None  # the Keras model, when loaded from one
         if path.is_dir():
             self._load_savedmodel(path)
         elif path.suffix == ".keras":
@@ -46,7 +47,7 @@ class Predictor:
             raise FileNotFoundError(f"{classes_file} is missing; a .keras model needs the "
                                     "classes.json its training run wrote beside it.")
         self.classes = json.loads(classes_file.read_text())
-        model = load_model(path)
+        model = self.model = load_model(path)
         self.image_size = model.input_shape[1]
         self._predict = lambda images: np.asarray(model(images, training=False))
 
@@ -60,6 +61,11 @@ class Predictor:
         self.image_size = signature.structured_input_signature[1][IMAGES_INPUT].shape[1]
         self._predict = lambda images: signature(
             **{IMAGES_INPUT: tf.constant(images)})["probabilities"].numpy()
+
+    def require_keras(self, what):
+        if self.model is None:
+            raise ValueError(f"{what} needs the Keras model (a run directory or its .keras "
+                             f"file); {self.path} is a SavedModel.")
 
     def predict(self, images):
         """Class probabilities [N, C] for float32 0-255 images [N, H, W, 3]."""
@@ -142,10 +148,43 @@ def write_rows(rows, handle, fmt):
         return
     import csv
 
+    explained = any("explanation" in row for row in rows)
     writer = csv.writer(handle)
-    writer.writerow(("path", "label", "probability", "top_k", "error"))
+    writer.writerow(("path", "label", "probability", "top_k", "error")
+                    + (("explanation",) if explained else ()))
     for row in rows:
         writer.writerow((row["path"], row["label"] or "",
                          "" if row["probability"] is None else f"{row['probability']:.6f}",
                          " ".join(f"{label}:{p:.4f}" for label, p in row["top_k"]),
-                         row["error"] or ""))
+                         row["error"] or "")
+                        + ((row.get("explanation") or "",) if explained else ()))
+
+
+def explain(predictor, rows, folder, batch_size=32):
+    """Write a Grad-CAM overlay of each predicted image into folder, for its predicted class,
+    and add its path to the row as "explanation"."""
+    from PIL import Image
+
+    from transfer.evaluate import gradcam, overlay
+
+    predictor.require_keras("Grad-CAM")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [row for row in rows if not row["error"]]
+    taken = set()
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        images = np.stack([load_image(row["path"], predictor.image_size)
+                           for row in batch]).astype("float32")
+        classes = [predictor.classes.index(row["label"]) for row in batch]
+        pictures = overlay(images, gradcam(predictor.model, images, classes))
+        for row, picture in zip(batch, pictures):
+            name = f"{Path(row['path']).stem}.gradcam.png"
+            for number in range(1, len(rows) + 1):
+                if name not in taken and not (folder / name).exists():
+                    break
+                name = f"{Path(row['path']).stem}-{number}.gradcam.png"
+            taken.add(name)
+            Image.fromarray(picture).save(folder / name)
+            row["explanation"] = str(folder / name)
+    return rows

@@ -174,6 +174,10 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose):
     log.info("Done in %.0f s: best val_accuracy %.4f (val_loss %.4f, %s epoch %d). Model: %s",
              summary["seconds"], best["val_accuracy"], best["val_loss"], best["phase"],
              best["epoch"], run_dir / "model.keras")
+    if cfg.evaluate:
+        from transfer.evaluate import evaluate
+
+        evaluate(model, classes, val_split.paths, val_split.labels, run_dir, run_dir=run_dir)
     return run_dir
 
 

@@ -1,0 +1,373 @@
+"""The evaluation report: how good the model is, where it fails, and what it looks at.
+
+evaluate() writes, into one folder: metrics.json, report.html and the PNGs the page shows
+(confusion matrix, learning curves, the most confidently wrong images, Grad-CAM heatmaps,
+the first layer's filters and feature maps at three depths before and after fine-tuning).
+The page needs no network: its images are files beside it.
+"""
+
+import html
+import json
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from transfer.files import atomic_path, write_atomic, write_json
+
+log = logging.getLogger(__name__)
+
+GALLERY = 12  # images in the gallery of confident mistakes
+GRADCAM_SAMPLES = 6  # correct and wrong images each, with Grad-CAM
+
+
+def load_run_model(path):
+    """(classifier, classes, run directory or None) from a run directory or its model.keras."""
+    from transfer.model import load_model
+
+    path = Path(path)
+    model_file = path / "model.keras" if path.is_dir() else path
+    if model_file.suffix != ".keras" or not model_file.is_file():
+        raise FileNotFoundError(f"{path} is not a trained Keras model; expected a run directory "
+                                "holding model.keras, or the .keras file (Grad-CAM and feature "
+                                "maps need the Keras model, not a SavedModel).")
+    classes_file = model_file.parent / "classes.json"
+    if not classes_file.is_file():
+        raise FileNotFoundError(f"{classes_file} is missing; a .keras model needs the "
+                                "classes.json its training run wrote beside it.")
+    run_dir = model_file.parent if (model_file.parent / "config.json").is_file() else None
+    return load_model(model_file), json.loads(classes_file.read_text()), run_dir
+
+
+def evaluate_folder(model_path, folder, output=None):
+    """Evaluate on folder/<class>/* images; returns the output folder (default: the run
+    directory, or the folder of the .keras file)."""
+    from transfer.check import cache_file_for, check_split
+
+    model, classes, run_dir = load_run_model(model_path)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist; expected {folder}/<class>/*.jpg with "
+                                f"the model's classes ({', '.join(classes)}).")
+    report = check_split("evaluate", folder, classes, cache_file_for(folder), require_all=False)
+    paths = [(str(p), classes.index(c)) for c in classes for p in report.good[c]]
+    for path, reason in report.bad:
+        log.warning("Set aside %s: %s", path, reason)
+    target = Path(output) if output else run_dir or Path(model_path).parent
+    return evaluate(model, classes, [p for p, _ in paths], [l for _, l in paths], target,
+                    run_dir=run_dir, set_aside=report.bad)
+
+
+def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
+    """Write metrics.json, report.html and its PNGs into output; returns output."""
+    from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
+
+    from transfer.images import load_image
+
+    if not paths:
+        raise ValueError("No readable images to evaluate on; expected <folder>/<class>/*.jpg.")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    size = model.input_shape[1]
+    images = np.stack([load_image(path, size) for path in paths]).astype("float32")
+    labels = np.asarray(labels)
+    probabilities = model.predict(images, batch_size=32, verbose=0)
+    predicted = probabilities.argmax(axis=1)
+    indices = list(range(len(classes)))
+    report = classification_report(labels, predicted, labels=indices, target_names=classes,
+                                   output_dict=True, zero_division=0)
+    matrix = confusion_matrix(labels, predicted, labels=indices)
+    auc = (float(roc_auc_score(labels, probabilities[:, 1]))
+           if len(classes) == 2 and len(set(labels.tolist())) == 2 else None)
+    confidence = probabilities[np.arange(len(paths)), predicted]
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-confidence[wrong])]
+    right = np.flatnonzero(predicted == labels)
+    right = right[np.argsort(-confidence[right])]
+    metrics = {
+        "images": len(paths), "accuracy": float(report["accuracy"]), "roc_auc": auc,
+        "classes": classes,
+        "per_class": {name: {key: float(value) for key, value in report[name].items()}
+                      for name in classes},
+        "macro_avg": {key: float(value) for key, value in report["macro avg"].items()},
+        "confusion_matrix": matrix.tolist(),
+        "most_confidently_wrong": [
+            {"path": paths[i], "true": classes[labels[i]], "predicted": classes[predicted[i]],
+             "probability": float(confidence[i])} for i in wrong[:GALLERY]],
+        "set_aside": [[str(path), reason] for path, reason in set_aside],
+    }
+    write_json(output / "metrics.json", metrics)
+
+    figures = {}
+    figures["confusion_matrix"] = plot_confusion_matrix(matrix, classes,
+                                                        output / "confusion_matrix.png")
+    history_file = run_dir / "history.csv" if run_dir else None
+    if history_file is not None and history_file.is_file():
+        from transfer.train import plot_learning_curves, read_history
+
+        plot_learning_curves(read_history(history_file), output / "learning_curves.png")
+        figures["learning_curves"] = output / "learning_curves.png"
+    if len(wrong):
+        figures["top_losses"] = plot_gallery(
+            images[wrong[:GALLERY]],
+            [f"true {classes[labels[i]]}\npredicted {classes[predicted[i]]} "
+             f"{confidence[i]:.2f}" for i in wrong[:GALLERY]], output / "top_losses.png")
+    samples = np.concatenate([right[:GRADCAM_SAMPLES], wrong[:GRADCAM_SAMPLES]])
+    heatmaps = gradcam(model, images[samples], predicted[samples])
+    figures["gradcam"] = plot_gallery(
+        overlay(images[samples], heatmaps),
+        [f"{'right' if labels[i] == predicted[i] else 'WRONG'}: {classes[predicted[i]]} "
+         f"{confidence[i]:.2f}\ntrue {classes[labels[i]]}" for i in samples],
+        output / "gradcam.png")
+    figures["filters"] = plot_filters(model, output / "filters.png")
+    before = _original_backbone(model, run_dir)
+    figures["feature_maps"] = plot_feature_maps(model, before, images[right[0] if len(right)
+                                                                      else 0],
+                                                output / "feature_maps.png")
+    write_report(metrics, figures, output / "report.html",
+                 before_note=None if before is not None else
+                 "the backbone's original weights could not be loaded, so only the trained "
+                 "model's feature maps are shown")
+    log.info("Evaluation on %d images: accuracy %.4f%s. Report: %s", len(paths),
+             metrics["accuracy"], f", ROC AUC {auc:.4f}" if auc is not None else "",
+             output / "report.html")
+    return output
+
+
+def gradcam(model, images, class_indices, layer=None):
+    """Grad-CAM heatmaps [N, h, w] in [0, 1] for each image's class: the class logit's
+    gradient, averaged per channel, weighs the channels of a backbone layer's output. The
+    layer is the backbone table's Grad-CAM layer (default: the backbone's output)."""
+    import tensorflow as tf
+
+    from transfer.backbones import BACKBONES
+    from transfer.model import backbone_of, image_model
+
+    backbone = backbone_of(model)
+    if layer is None:
+        spec = next((s for s in BACKBONES.values() if model.name == f"transfer_{s.name}"), None)
+        layer = (spec and spec.gradcam_layer) or backbone.layers[-1].name
+    tensor = backbone.get_layer(layer).output
+    features = image_model(model, tensor)(images)
+    inputs = keras.Input(tensor.shape[1:])
+    x = (inputs if tensor is backbone.output
+         else keras.Model(tensor, backbone.output)(inputs, training=False))
+    pooled = keras.Model(inputs, model.get_layer("pool")(x))
+    dense = model.get_layer("probabilities")
+    with tf.GradientTape() as tape:
+        tape.watch(features)
+        logits = tf.matmul(pooled(features), dense.kernel) + dense.bias
+        scores = tf.gather(logits, np.asarray(class_indices), axis=1, batch_dims=1)
+    gradients = tape.gradient(scores, features)
+    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    maps = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1)).numpy()
+    peaks = maps.max(axis=(1, 2), keepdims=True)
+    return maps / np.where(peaks > 0, peaks, 1)
+
+
+def overlay(images, heatmaps, alpha=0.45):
+    """The heatmaps, resized and coloured (jet), over 0-255 images: uint8 [N, H, W, 3]."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    size = images.shape[1:3][::-1]
+    out = []
+    for image, heatmap in zip(images, heatmaps):
+        resized = np.asarray(Image.fromarray(np.uint8(255 * heatmap)).resize(
+            size, Image.Resampling.BILINEAR)) / 255
+        colour = colormaps["jet"](resized)[..., :3] * 255
+        out.append(np.uint8((1 - alpha) * image + alpha * colour))
+    return np.stack(out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path):
+    plt = _pyplot()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png", bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def plot_confusion_matrix(matrix, classes, path):
+    """Counts and row-normalised rates side by side, each cell annotated."""
+    plt = _pyplot()
+    rows = matrix.sum(axis=1, keepdims=True)
+    rates = matrix / np.where(rows > 0, rows, 1)
+    side = max(4, 0.6 * len(classes) + 2)
+    figure, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
+    for axis, values, title, fmt in ((axes[0], matrix, "counts", "d"),
+                                     (axes[1], rates, "row-normalised (recall)", ".2f")):
+        axis.imshow(values, cmap="Blues", vmin=0, vmax=values.max() or 1)
+        for (i, j), value in np.ndenumerate(values):
+            axis.text(j, i, format(value, fmt), ha="center", va="center",
+                      color="white" if value > 0.6 * (values.max() or 1) else "black")
+        axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        axis.set_yticks(range(len(classes)), classes)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        axis.set_title(title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_gallery(images, titles, path, columns=6):
+    plt = _pyplot()
+    rows = int(np.ceil(len(images) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows),
+                                squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, title in zip(axes.flat, images, titles):
+        axis.imshow(np.uint8(np.clip(image, 0, 255)))
+        axis.set_title(title, fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_filters(model, path):
+    """The first convolution's filters, each scaled to 0-1, as an RGB grid."""
+    from transfer.model import backbone_of
+
+    first = next(layer for layer in backbone_of(model).layers
+                 if isinstance(layer, keras.layers.Conv2D) and layer.kernel.shape[2] == 3)
+    kernel = np.asarray(first.kernel)  # [h, w, 3, filters]
+    count = kernel.shape[-1]
+    columns = min(16, count)
+    plt = _pyplot()
+    figure, axes = plt.subplots(int(np.ceil(count / columns)), columns,
+                                figsize=(columns * 0.7, np.ceil(count / columns) * 0.7),
+                                squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for index, axis in zip(range(count), axes.flat):
+        weights = kernel[..., index]
+        weights = (weights - weights.min()) / (np.ptp(weights) or 1)
+        axis.imshow(weights, interpolation="nearest")
+    figure.suptitle(f"{first.name}: {count} filters of {kernel.shape[0]}x{kernel.shape[1]}x3",
+                    fontsize=9, y=1.0 + 0.35 / axes.shape[0])
+    return _save(figure, path)
+
+
+def _original_backbone(model, run_dir):
+    """The backbone as training started (ImageNet or the run's weights), or None."""
+    from transfer.backbones import get_spec
+
+    if run_dir is None:
+        return None
+    config = json.loads((run_dir / "config.json").read_text())
+    weights = config.get("weights", "imagenet")
+    try:
+        return get_spec(config["backbone"]).build(config["image_size"],
+                                                  None if weights == "none" else weights)
+    except (FileNotFoundError, ValueError) as error:
+        log.warning("Feature maps before fine-tuning left out: %s", str(error).splitlines()[0])
+        return None
+
+
+def plot_feature_maps(model, before, image, path, channels=8):
+    """One image's feature maps at three depths, after training and (when given) before."""
+    from transfer.model import backbone_of, image_model
+
+    backbone = backbone_of(model)
+    convolutions = [layer.name for layer in backbone.layers
+                    if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
+    depths = [convolutions[0], convolutions[len(convolutions) // 2], convolutions[-1]]
+    after = image_model(model, [backbone.get_layer(n).output for n in depths])(image[None])
+    stages = [("after training", [np.asarray(a)[0] for a in after])]
+    if before is not None:
+        outputs = image_model(model, [before.get_layer(n).output for n in depths],
+                              backbone=before)(image[None])
+        stages.insert(0, ("before (original weights)", [np.asarray(a)[0] for a in outputs]))
+    plt = _pyplot()
+    rows = 1 + len(depths) * len(stages)  # the input image, then a row per depth and stage
+    figure, axes = plt.subplots(rows, channels + 1, figsize=(1.4 * (channels + 1), 1.5 * rows),
+                                squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    axes[0, 1].imshow(np.uint8(image))
+    axes[0, 0].text(0, 0.5, "input", fontsize=8, va="center")
+    for depth, name in enumerate(depths):
+        strongest = np.argsort(-stages[-1][1][depth].mean(axis=(0, 1)))[:channels]
+        for stage_index, (label, maps) in enumerate(stages):
+            row = 1 + depth * len(stages) + stage_index
+            axes[row, 0].text(0, 0.5, f"{name}\n{label}", fontsize=7, va="center")
+            for column, channel in enumerate(strongest, start=1):
+                axes[row, column].imshow(maps[depth][..., channel], cmap="viridis")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def write_report(metrics, figures, path, before_note=None):
+    """report.html: the numbers of metrics.json and the figures (files beside it)."""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(name)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
+        f"<td>{m['f1-score']:.3f}</td><td>{int(m['support'])}</td></tr>"
+        for name, m in metrics["per_class"].items())
+    macro = metrics["macro_avg"]
+    sections = {
+        "confusion_matrix": ("Confusion matrix", "Where it fails: counts, and each true class's "
+                                                 "row as rates."),
+        "learning_curves": ("Learning curves", "Both phases; the dashed line is where "
+                                               "fine-tuning starts."),
+        "top_losses": ("Most confidently wrong", "The mistakes the model was surest of."),
+        "gradcam": ("What it looks at (Grad-CAM)", "Red is where the evidence for the predicted "
+                                                   "class is: confident right answers, then "
+                                                   "mistakes."),
+        "filters": ("First-layer filters", "What the first convolution responds to."),
+        "feature_maps": ("Feature maps", "One image at an early, a middle and the last "
+                                         "convolution: the strongest channels"
+                                         + (f"; {before_note}" if before_note else
+                                            ", before and after training (layers below the "
+                                            "fine-tuning cut do not change)") + "."),
+    }
+    blocks = "".join(
+        f'<section id="{key.replace("_", "-")}"><h2>{e(title)}</h2><p>{e(text)}</p>'
+        f'<img src="{e(Path(figures[key]).name)}" alt="{e(title)}"></section>'
+        for key, (title, text) in sections.items() if key in figures)
+    auc = (f"<li>ROC AUC: <b>{metrics['roc_auc']:.4f}</b></li>"
+           if metrics["roc_auc"] is not None else "")
+    aside = (f"<li>{len(metrics['set_aside'])} file(s) set aside (unreadable; listed in "
+             "metrics.json)</li>" if metrics["set_aside"] else "")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Evaluation: accuracy {metrics['accuracy']:.4f}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
+       color: #222; line-height: 1.45; }}
+img {{ max-width: 100%; height: auto; border: 1px solid #ddd; }}
+table {{ border-collapse: collapse; }} td, th {{ padding: 0.25em 0.8em; text-align: right;
+border-bottom: 1px solid #eee; }} td:first-child, th:first-child {{ text-align: left; }}
+section {{ margin-top: 2.5em; }}
+</style></head>
+<body>
+<h1>Evaluation</h1>
+<ul id="summary"><li>{metrics['images']} images, accuracy <b>{metrics['accuracy']:.4f}</b></li>
+{auc}{aside}</ul>
+<table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>
+<th>support</th></tr>{rows}<tr><td><i>macro average</i></td><td>{macro['precision']:.3f}</td>
+<td>{macro['recall']:.3f}</td><td>{macro['f1-score']:.3f}</td>
+<td>{int(macro['support'])}</td></tr></table>
+{blocks}
+<script>
+window.addEventListener("load", () => {{
+  const images = [...document.images];
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.images = images.length;
+}});
+</script>
+</body></html>
+"""
+    write_atomic(path, page)
+    return path
