@@ -95,7 +95,8 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
                "--window-size=1280,900", "--dump-dom", (run_dir / "report.html").as_uri()]
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-    for section in ("confusion-matrix", "learning-curves", "gradcam", "feature-maps"):
+    for section in ("confusion-matrix", "learning-curves", "top-losses", "gradcam",
+                    "filters", "feature-maps"):
         assert f'id="{section}"' in dom, section
     loaded = re.search(r'data-images-loaded="(\d+)"', dom)
     total = re.search(r'data-images="(\d+)"', dom)

@@ -331,10 +331,13 @@ def write_report(metrics, figures, path, before_note=None):
                                             ", before and after training (layers below the "
                                             "fine-tuning cut do not change)") + "."),
     }
+    if "top_losses" not in figures:
+        sections["top_losses"] = ("Most confidently wrong", "No image was classified wrongly.")
     blocks = "".join(
         f'<section id="{key.replace("_", "-")}"><h2>{e(title)}</h2><p>{e(text)}</p>'
-        f'<img src="{e(Path(figures[key]).name)}" alt="{e(title)}"></section>'
-        for key, (title, text) in sections.items() if key in figures)
+        + (f'<img src="{e(Path(figures[key]).name)}" alt="{e(title)}">' if key in figures
+           else "") + "</section>"
+        for key, (title, text) in sections.items() if key in figures or key == "top_losses")
     auc = (f"<li>ROC AUC: <b>{metrics['roc_auc']:.4f}</b></li>"
            if metrics["roc_auc"] is not None else "")
     aside = (f"<li>{len(metrics['set_aside'])} file(s) set aside (unreadable; listed in "
