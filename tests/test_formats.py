@@ -122,6 +122,7 @@ def test_bias_correction_cancels_the_mean_rounding_error_through_biases():
     inner_input = keras.Input((12, 12, 3))
     x = keras.layers.Conv2D(8, 3, name="first")(inner_input)  # valid padding: exactly linear
     x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="depthwise")(x)
+    x = keras.layers.Conv2D(4, 1, groups=2, name="grouped")(x)  # as ConvNeXt's depthwise
     backbone = keras.Model(inner_input, x, name="backbone")
     inputs = keras.Input((12, 12, 3))
     x = backbone(keras.layers.Rescaling(1 / 255)(inputs))
@@ -132,8 +133,10 @@ def test_bias_correction_cancels_the_mean_rounding_error_through_biases():
         layer.bias.assign(np.random.default_rng(1).normal(size=layer.bias.shape))
     images = np.random.default_rng(0).uniform(0, 255, (16, 12, 12, 3)).astype("float32")
     before = [w.copy() for w in model.get_weights()]
-    uncorrected, corrected = _mean_shift(model, images, "first")
-    assert uncorrected > 1e-4 and corrected < 0.05 * uncorrected, (uncorrected, corrected)
+    for layer in ("first", "depthwise", "grouped"):
+        uncorrected, corrected = _mean_shift(model, images, layer)
+        assert uncorrected > 1e-4 and corrected < 0.05 * uncorrected, (layer, uncorrected,
+                                                                       corrected)
     for old, new in zip(before, model.get_weights()):  # the exported model is left alone
         np.testing.assert_array_equal(old, new)
 

@@ -134,8 +134,11 @@ def bias_corrected(model, images, batch_size=32):
             error = _int8_rounding(kernel, axes=(0, 1)) - kernel  # [h, w, in, multiplier]
             shift = np.einsum("hwim,i->im", error, mean_input).reshape(-1)
         else:
-            error = _int8_rounding(kernel, axes=(0, 1, 2)) - kernel  # [h, w, in, out]
-            shift = np.einsum("hwio,i->o", error, mean_input)
+            error = _int8_rounding(kernel, axes=(0, 1, 2)) - kernel  # [h, w, in / groups, out]
+            groups = layer.groups  # each output channel sees its group's inputs only
+            group_of = np.repeat(np.arange(groups), kernel.shape[3] // groups)
+            shift = np.einsum("hwio,oi->o", error,
+                              mean_input.reshape(groups, kernel.shape[2])[group_of])
         after = consumers.get(id(layer.output), [])
         if len(after) == 1 and isinstance(after[0], keras.layers.BatchNormalization):
             after[0].moving_mean.assign(np.asarray(after[0].moving_mean) + shift)
