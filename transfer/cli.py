@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from transfer.config import CLASS_WEIGHT_MODES, FLIP_MODES, WEIGHT_CHOICES
+from transfer.distribute import PRECISIONS, STRATEGIES
 
 log = logging.getLogger("transfer")
 
@@ -68,6 +69,13 @@ def build_parser():
     train.add_argument("--evaluate", action=argparse.BooleanOptionalAction,
                        help="write the evaluation report (report.html, metrics.json) on the "
                             "validation images at the end (default: on)")
+    train.add_argument("--strategy", choices=STRATEGIES,
+                       help="tf.distribute strategy (default auto: mirrored on more than one "
+                            "GPU)")
+    train.add_argument("--precision", choices=PRECISIONS,
+                       help="mixed: float16 compute on GPUs (default float32)")
+    train.add_argument("--jit", action=argparse.BooleanOptionalAction,
+                       help="compile with XLA (GPUs; default off)")
     train.add_argument("--cache", action=argparse.BooleanOptionalAction,
                        help="train on cached outputs of the frozen layers (default: on); "
                             "--no-cache runs the frozen backbone in every step")

@@ -44,6 +44,9 @@ class TrainConfig:
     contrast: float = 0.1
     runs_dir: str = "runs"
     evaluate: bool = True  # write the evaluation report on the validation images at the end
+    strategy: str = "auto"  # see transfer.distribute.STRATEGIES
+    precision: str = "float32"  # or "mixed" (GPUs)
+    jit: bool = False  # XLA (GPUs)
     cache: bool = True  # False: the frozen backbone runs in every training step
     cache_views: int = 2  # augmented views of each training image in the feature caches
     cache_memory_mb: int = 2048  # decoded images beyond this go to a file cache in the run
@@ -85,6 +88,12 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1); received {self.dropout}.")
         if not 0 < self.validation_split < 1:
             raise ValueError(f"validation_split must be in (0, 1); received {self.validation_split}.")
+        from transfer.distribute import PRECISIONS, STRATEGIES
+
+        for key, choices in (("strategy", STRATEGIES), ("precision", PRECISIONS)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key} must be one of {', '.join(choices)}; "
+                                 f"received {getattr(self, key)!r}.")
         if self.flip not in FLIP_MODES:
             raise ValueError(f"flip must be one of {', '.join(FLIP_MODES)}; received {self.flip!r}.")
         for key in ("rotation", "zoom", "translation", "contrast"):

@@ -26,7 +26,9 @@ def build_classifier(spec, num_classes, image_size, weights="imagenet", dropout=
     x = backbone(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    # float32 even under mixed precision: a float16 softmax loses small probabilities.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities",
+                                 dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"transfer_{spec.name}")
 
 

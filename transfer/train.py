@@ -6,6 +6,7 @@ loses at most the epoch it was in; resume() continues it with the same split and
 """
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -38,7 +39,9 @@ def train(cfg, verbose="auto"):
     data_name, data_dir = data.resolve_dataset(cfg.data)
     classes = check.class_names(data_dir / "train")
     # Built before anything is written: missing ImageNet weights or a wrong cut stop it here.
-    model = _build(cfg, spec, len(classes), image_size)
+    strategy, jit = _devices(cfg)
+    with strategy.scope():
+        model = _build(cfg, spec, len(classes), image_size)
 
     started = time.time()
     reports = check.check_dataset(data_dir, classes)
@@ -68,7 +71,8 @@ def train(cfg, verbose="auto"):
     write_csv(run_dir / "split.csv", ("split", "path", "label"),
               [("train", p, classes[l]) for p, l in zip(train_split.paths, train_split.labels)]
               + [("validation", p, classes[l]) for p, l in zip(val_split.paths, val_split.labels)])
-    return _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose)
+    with strategy.scope():
+        return _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, jit)
 
 
 def resume(run_dir, verbose="auto"):
@@ -98,8 +102,24 @@ def resume(run_dir, verbose="auto"):
     spec = get_spec(cfg.backbone)
     log.info("Resuming %s: %s on %s, %d training and %d validation images", run_dir,
              cfg.backbone, saved["data_dir"], len(splits["train"]), len(splits["validation"]))
-    model = _build(cfg, spec, len(classes), cfg.image_size)
-    return _run(model, cfg, spec, run_dir, classes, splits["train"], splits["validation"], verbose)
+    strategy, jit = _devices(cfg)
+    with strategy.scope():
+        model = _build(cfg, spec, len(classes), cfg.image_size)
+        return _run(model, cfg, spec, run_dir, classes, splits["train"], splits["validation"],
+                    verbose, jit)
+
+
+def _devices(cfg):
+    """(the tf.distribute strategy, compile()'s jit_compile), with the precision policy set."""
+    from transfer.distribute import make_strategy, set_precision
+
+    jit = set_precision(cfg.precision, cfg.jit)
+    strategy = make_strategy(cfg.strategy)
+    if strategy.num_replicas_in_sync > 1:
+        log.info("%d replicas (%s): global batch %d, learning rates x%d (linear scaling rule)",
+                 strategy.num_replicas_in_sync, type(strategy).__name__,
+                 cfg.batch_size * strategy.num_replicas_in_sync, strategy.num_replicas_in_sync)
+    return strategy, jit
 
 
 def _build(cfg, spec, num_classes, image_size):
@@ -121,11 +141,15 @@ def _split(report, classes):
     return Split(tuple(p for p, _ in pairs), tuple(l for _, l in pairs))
 
 
-def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose):
+def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, jit="auto"):
+    """Train inside the current tf.distribute strategy's scope."""
+    import tensorflow as tf
+
     from transfer import data
     from transfer.cache import CachedFeeds
 
     started = time.time()
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
     image_size = model.input_shape[1]
     weights = data.class_weights(train_split.labels, len(classes), cfg.class_weights)
     if weights:
@@ -139,19 +163,23 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose):
     augmentation = data.augmentation(cfg)
 
     def images(split, augment=False, shuffle=False):
-        return data.batched(decoded[split], cfg.batch_size, augmentation if augment else None,
-                            cfg.seed if shuffle else None)
+        return data.batched(decoded[split], cfg.batch_size * replicas,
+                            augmentation if augment else None, cfg.seed if shuffle else None)
 
     def uncached(phase):
         return (model, images("train", augment=True, shuffle=True), images("validation"),
                 "images (--no-cache)")
 
-    phases = cfg.phases(spec.cut)
+    phases = [dataclasses.replace(phase, learning_rate=phase.learning_rate * replicas)
+              for phase in cfg.phases(spec.cut)]
+    if cfg.cache and replicas > 1:
+        log.info("Not caching: the feature caches are per process and %d replicas share this "
+                 "run; the frozen layers run in every step.", replicas)
     feeds = CachedFeeds(model, cfg, phases, train_split, val_split, images, verbose) \
-        if cfg.cache else uncached
+        if cfg.cache and replicas == 1 else uncached
     try:
         history = fit_phases(model, phases, feeds, run_dir, cfg.patience, verbose,
-                             class_weight=weights)
+                             class_weight=weights, jit_compile=jit)
     except KeyboardInterrupt:
         log.warning("Interrupted. Continue with: python -m transfer train --resume %s", run_dir)
         raise
@@ -181,7 +209,8 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose):
     return run_dir
 
 
-def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_weight=None):
+def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_weight=None,
+               jit_compile="auto"):
     """Fit each phase in turn, resumably, and return the per-epoch history of all of them.
 
     Each phase sets what is trainable, asks feeds(phase) for (the model to fit, training
@@ -211,7 +240,8 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         set_trainable(backbone_of(model), phase.unfreeze_from)
         fit_model, train_data, val_data, fed = feeds(phase)
         fit_model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                          jit_compile=jit_compile)
         # Kept until state.json says the phase is done, so no moment loses a finished phase.
         backup = keras.callbacks.BackupAndRestore(run_dir / "backup" / phase.name,
                                                   double_checkpoint=True, delete_checkpoint=False)
