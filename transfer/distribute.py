@@ -1,6 +1,7 @@
 """Several devices through tf.distribute, mixed precision and XLA: all of it TensorFlow's own.
 
-Several machines (MultiWorkerMirroredStrategy) are not supported yet.
+Several machines are not: Keras 3's fit fails under MultiWorkerMirroredStrategy
+(keras-team/keras#20585).
 
 With N replicas the global batch is N times --batch-size (each replica keeps the batch it would
 have alone) and both learning rates are multiplied by N: the linear scaling rule (Goyal et al.
