@@ -43,12 +43,20 @@ class BackboneSpec:
     kwargs: tuple = ()  # extra constructor arguments as (key, value) pairs
     gradcam_layer: str | None = None
 
+    def check_size(self, image_size):
+        """ValueError unless `image_size` is at least this backbone's minimum."""
+        if image_size < self.min_size:
+            raise ValueError(f"image size {image_size} is below backbone {self.name!r}'s minimum "
+                             f"of {self.min_size}; use --image-size {self.min_size} or more.")
+
     def build(self, image_size, weights="imagenet"):
         """The headless backbone for `image_size` square RGB inputs.
 
         weights: "imagenet" (Keras's download and cache), None (random) or a weights file path.
         """
         import keras
+
+        self.check_size(image_size)
 
         constructor = getattr(keras.applications, self.constructor)
         try:

@@ -64,11 +64,9 @@ class TrainConfig:
         """Raise ValueError for values no training run could use."""
         from transfer.backbones import get_spec
 
-        spec = get_spec(self.backbone)
-        if self.image_size is not None and self.image_size < spec.min_size:
-            raise ValueError(f"image_size {self.image_size} is below the minimum of "
-                             f"{spec.min_size} for backbone {spec.name!r}; use {spec.min_size} "
-                             "or more.")
+        spec = get_spec(self.backbone)  # an unknown name lists the valid ones
+        if self.image_size is not None:
+            spec.check_size(self.image_size)
         if self.class_weights not in CLASS_WEIGHT_MODES:
             raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHT_MODES)}; "
                              f"received {self.class_weights!r}.")

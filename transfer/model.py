@@ -13,9 +13,6 @@ INPUT_NAME = "images"
 
 def build_classifier(spec, num_classes, image_size, weights="imagenet", dropout=0.2):
     """A Keras model from [N, image_size, image_size, 3] 0-255 RGB to class probabilities."""
-    if image_size < spec.min_size:
-        raise ValueError(f"image_size {image_size} is below backbone {spec.name!r}'s minimum "
-                         f"of {spec.min_size}; use --image-size {spec.min_size} or more.")
     backbone = spec.build(image_size, weights=None if weights == "none" else weights)
     backbone.trainable = False
     inputs = keras.Input((image_size, image_size, 3), name=INPUT_NAME)
