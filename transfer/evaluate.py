@@ -105,12 +105,11 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
     figures = {}
     figures["confusion_matrix"] = plot_confusion_matrix(matrix, classes,
                                                         output / "confusion_matrix.png")
-    history_file = run_dir / "history.csv" if run_dir else None
-    if history_file is not None and history_file.is_file():
-        from transfer.train import plot_learning_curves, read_history
+    if run_dir is not None and (run_dir / "history.csv").is_file():
+        from transfer.train import read_history
 
-        plot_learning_curves(read_history(history_file), output / "learning_curves.png")
-        figures["learning_curves"] = output / "learning_curves.png"
+        figures["learning_curves"] = plot_learning_curves(read_history(run_dir / "history.csv"),
+                                                          output / "learning_curves.png")
     if len(wrong):
         figures["top_losses"] = plot_gallery(
             images[wrong[:GALLERY]],
@@ -199,6 +198,31 @@ def _save(figure, path):
         figure.savefig(temporary, dpi=100, format="png", bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def plot_learning_curves(history, path):
+    """Loss and accuracy of both phases on one figure, the phase boundary marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        axis.plot(epochs, [row[metric] for row in history], "o-", label=f"train {metric}")
+        axis.plot(epochs, [row[f"val_{metric}"] for row in history], "o-",
+                  label=f"validation {metric}")
+        for before, after in zip(history, history[1:]):
+            if before["phase"] != after["phase"]:
+                axis.axvline(before["epoch"] + 0.5, color="gray", linestyle="--")
+                axis.annotate(f"{after['phase']} →", (before["epoch"] + 0.6, 0.02),
+                              xycoords=("data", "axes fraction"), color="gray")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    return _save(figure, path)
 
 
 def plot_confusion_matrix(matrix, classes, path):

@@ -187,6 +187,8 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, ji
     with atomic_path(run_dir / "model.keras") as temporary:
         model.save(temporary)
     shutil.rmtree(run_dir / IMAGE_CACHE, ignore_errors=True)
+    from transfer.evaluate import evaluate, plot_learning_curves
+
     plot_learning_curves(history, run_dir / "learning_curves.png")
     best = min(history, key=lambda row: row["val_loss"])
     phases = json.loads((run_dir / STATE).read_text()).get("phases", {})
@@ -203,8 +205,6 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, ji
              summary["seconds"], best["val_accuracy"], best["val_loss"], best["phase"],
              best["epoch"], run_dir / "model.keras")
     if cfg.evaluate:
-        from transfer.evaluate import evaluate
-
         evaluate(model, classes, val_split.paths, val_split.labels, run_dir, run_dir=run_dir)
     return run_dir
 
@@ -371,36 +371,6 @@ def latest_run(parent, finished=True):
         raise FileNotFoundError(f"No {kind} run under {parent}; expected {parent}/<run>/ from "
                                 "`make train DATA=<name>`.")
     return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
-
-
-def plot_learning_curves(history, path):
-    """Loss and accuracy of both phases on one figure, the phase boundary marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [row["epoch"] for row in history]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, metric in zip(axes, ("loss", "accuracy")):
-        axis.plot(epochs, [row[metric] for row in history], "o-", label=f"train {metric}")
-        axis.plot(epochs, [row[f"val_{metric}"] for row in history], "o-",
-                  label=f"validation {metric}")
-        for before, after in zip(history, history[1:]):
-            if before["phase"] != after["phase"]:
-                axis.axvline(before["epoch"] + 0.5, color="gray", linestyle="--")
-                axis.annotate(f"{after['phase']} →", (before["epoch"] + 0.6, 0.02),
-                              xycoords=("data", "axes fraction"), color="gray")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_xlabel("epoch")
-        axis.set_title(metric)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
 
 
 def library_versions():
