@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 from transfer.files import cache_home, write_json
+from transfer.model import backbone_of, image_model, pooled_from
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +201,10 @@ class CachedFeeds:
         if below is None:
             return self._fallback(f"the outputs of the layers below {phase.unfreeze_from} "
                                   f"exceed the {self.cfg.cache_disk_mb} MB cache budget")
-        top = keras.Model(tensor, self._backbone().output)
-        return (_top_model(self.classifier, top), *self._feeds(below),
+        return (_top_model(self.classifier, tensor), *self._feeds(below),
                 f"cached outputs of the frozen layers below {phase.unfreeze_from}")
 
     def _backbone(self):
-        from transfer.model import backbone_of
-
         return backbone_of(self.classifier)
 
     def _fallback(self, reason):
@@ -221,8 +219,6 @@ class CachedFeeds:
 
     def _below(self, tensor):
         """(train, validation) outputs of the frozen layers at `tensor`, or None."""
-        from transfer.model import image_model
-
         extractor = image_model(self.classifier, tensor)
         level = f"below {tensor._keras_history.operation.name}"
         return self._features(level, extractor, extractor, "float16", self._image_batches)
@@ -236,10 +232,7 @@ class CachedFeeds:
         below = self._below(tensor) if tensor is not None else None
         if below is None:
             return self._features("pooled", pooled, pooled, "float32", self._image_batches)
-        inputs = keras.Input(tensor.shape[1:])
-        top = keras.Model(tensor, self._backbone().output)
-        from_below = keras.Model(inputs, classifier.get_layer("pool")(top(inputs, training=False)))
-        return self._features("pooled", pooled, from_below, "float32",
+        return self._features("pooled", pooled, pooled_from(classifier, tensor), "float32",
                               _array_batches(below, self.cfg.batch_size))
 
     def _features(self, level, keyed_by, extractor, dtype, batches):
@@ -321,9 +314,9 @@ def _head_model(classifier):
     return keras.Model(inputs, outputs, name="head")
 
 
-def _top_model(classifier, top):
-    """The backbone's top (a Model from the frozen boundary) and the head, sharing layers."""
-    inputs = keras.Input(top.input_shape[1:], name="frozen_features")
-    x = classifier.get_layer("pool")(top(inputs, training=False))
-    outputs = classifier.get_layer("probabilities")(classifier.get_layer("dropout")(x))
+def _top_model(classifier, tensor):
+    """The backbone's layers from the frozen boundary `tensor` on, and the head, sharing
+    the classifier's layers."""
+    inputs = keras.Input(tensor.shape[1:], name="frozen_features")
+    outputs = _head_model(classifier)(pooled_from(classifier, tensor)(inputs))
     return keras.Model(inputs, outputs, name="top")

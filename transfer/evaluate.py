@@ -144,7 +144,7 @@ def gradcam(model, images, class_indices, layer=None):
     import tensorflow as tf
 
     from transfer.backbones import BACKBONES
-    from transfer.model import backbone_of, image_model
+    from transfer.model import backbone_of, image_model, pooled_from
 
     backbone = backbone_of(model)
     if layer is None:
@@ -152,10 +152,7 @@ def gradcam(model, images, class_indices, layer=None):
         layer = (spec and spec.gradcam_layer) or backbone.layers[-1].name
     tensor = backbone.get_layer(layer).output
     features = image_model(model, tensor)(images)
-    inputs = keras.Input(tensor.shape[1:])
-    x = (inputs if tensor is backbone.output
-         else keras.Model(tensor, backbone.output)(inputs, training=False))
-    pooled = keras.Model(inputs, model.get_layer("pool")(x))
+    pooled = pooled_from(model, tensor)
     dense = model.get_layer("probabilities")
     with tf.GradientTape() as tape:
         tape.watch(features)

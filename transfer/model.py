@@ -46,6 +46,16 @@ def image_model(model, outputs, backbone=None):
     return keras.Model(inputs, keras.Model(backbone.input, outputs)(x, training=False))
 
 
+def pooled_from(model, tensor):
+    """A model from `tensor`, inside the backbone, to the classifier's pooled features, sharing
+    its layers; the backbone's part runs in inference mode, as in the classifier."""
+    backbone = backbone_of(model)
+    inputs = keras.Input(tensor.shape[1:])
+    x = (inputs if tensor is backbone.output
+         else keras.Model(tensor, backbone.output)(inputs, training=False))
+    return keras.Model(inputs, model.get_layer("pool")(x))
+
+
 def set_trainable(backbone, unfreeze_from):
     """Freeze the backbone, or unfreeze from the first layer named `unfreeze_from*` onwards.
 
