@@ -292,23 +292,20 @@ def cmd_export(args):
 
 def _split_images(run_dir, split, size, count, seed=0):
     """Up to `count` decoded images of a run's split (seeded sample) and their labels."""
-    import csv
-
     import numpy as np
 
     from transfer.images import ImageError, load_image
+    from transfer.train import read_split
 
-    classes = json.loads((run_dir / "classes.json").read_text())
-    with open(run_dir / "split.csv", newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["split"] == split]
-    if len(rows) > count:
-        picks = np.random.default_rng(seed).choice(len(rows), count, replace=False)
-        rows = [rows[i] for i in sorted(picks)]
+    files = read_split(run_dir)[1][split]
+    picks = range(len(files))
+    if len(files) > count:
+        picks = sorted(np.random.default_rng(seed).choice(len(files), count, replace=False))
     images, labels = [], []
-    for row in rows:
+    for i in picks:
         try:
-            images.append(load_image(row["path"], size))
-            labels.append(classes.index(row["label"]))
+            images.append(load_image(files.paths[i], size))
+            labels.append(files.labels[i])
         except ImageError:
             continue
     if not images:

@@ -79,7 +79,6 @@ def resume(run_dir, verbose="auto"):
     """Continue an interrupted run from its last completed epoch; returns the run directory."""
     from transfer.backbones import get_spec
     from transfer.config import field_names, resolve
-    from transfer.data import Split
 
     run_dir = Path(run_dir)
     if not (run_dir / "split.csv").is_file():
@@ -89,16 +88,12 @@ def resume(run_dir, verbose="auto"):
         raise ValueError(f"{run_dir} has finished (it has summary.json); nothing to resume.")
     saved = json.loads((run_dir / "config.json").read_text())
     cfg = resolve(None, {key: value for key, value in saved.items() if key in field_names()})
-    classes = json.loads((run_dir / "classes.json").read_text())
-    with open(run_dir / "split.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    missing = [row["path"] for row in rows if not Path(row["path"]).is_file()]
+    classes, splits = read_split(run_dir)
+    missing = [path for split in splits.values() for path in split.paths
+               if not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} file(s) of this run's split are gone, e.g. "
                                 f"{missing[0]}; restore them or start a new run.")
-    splits = {name: Split(tuple(r["path"] for r in rows if r["split"] == name),
-                          tuple(classes.index(r["label"]) for r in rows if r["split"] == name))
-              for name in ("train", "validation")}
     spec = get_spec(cfg.backbone)
     log.info("Resuming %s: %s on %s, %d training and %d validation images", run_dir,
              cfg.backbone, saved["data_dir"], len(splits["train"]), len(splits["validation"]))
@@ -107,6 +102,19 @@ def resume(run_dir, verbose="auto"):
         model = _build(cfg, spec, len(classes), cfg.image_size)
         return _run(model, cfg, spec, run_dir, classes, splits["train"], splits["validation"],
                     verbose, jit)
+
+
+def read_split(run_dir):
+    """(class names, {"train": Split, "validation": Split}) as a run recorded them."""
+    from transfer.data import Split
+
+    classes = json.loads((Path(run_dir) / "classes.json").read_text())
+    with open(Path(run_dir) / "split.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return classes, {name: Split(tuple(r["path"] for r in rows if r["split"] == name),
+                                 tuple(classes.index(r["label"]) for r in rows
+                                       if r["split"] == name))
+                     for name in ("train", "validation")}
 
 
 def _devices(cfg):
