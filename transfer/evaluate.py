@@ -25,7 +25,7 @@ GRADCAM_SAMPLES = 6  # correct and wrong images each, with Grad-CAM
 
 def load_run_model(path):
     """(classifier, classes, run directory or None) from a run directory or its model.keras."""
-    from transfer.model import load_model
+    from transfer.predict import load_keras
 
     path = Path(path)
     model_file = path / "model.keras" if path.is_dir() else path
@@ -33,12 +33,8 @@ def load_run_model(path):
         raise FileNotFoundError(f"{path} is not a trained Keras model; expected a run directory "
                                 "holding model.keras, or the .keras file (Grad-CAM and feature "
                                 "maps need the Keras model, not a SavedModel).")
-    classes_file = model_file.parent / "classes.json"
-    if not classes_file.is_file():
-        raise FileNotFoundError(f"{classes_file} is missing; a .keras model needs the "
-                                "classes.json its training run wrote beside it.")
     run_dir = model_file.parent if (model_file.parent / "config.json").is_file() else None
-    return load_model(model_file), json.loads(classes_file.read_text()), run_dir
+    return *load_keras(model_file), run_dir
 
 
 def evaluate_folder(model_path, folder, output=None):
