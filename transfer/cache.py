@@ -241,10 +241,14 @@ class CachedFeeds:
 
         keyed_by: the model from images to these features, whose weights the key hashes.
         """
+        weights = hashlib.sha256()  # once for both splits: a large backbone takes a while
+        for weight in keyed_by.weights:
+            weights.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
         arrays = []
         for split in ("train", "validation"):
             views = self.views if split == "train" else 1
-            parts = self._key_parts(level, keyed_by, split, views)
+            parts = self._key_parts(level, weights.hexdigest(), keyed_by.input_shape[1], split,
+                                    views)
             key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
             array = self.store.load(key)
             if array is not None:
@@ -279,10 +283,7 @@ class CachedFeeds:
         dataset = self.images(split, augment=split == "train")
         return lambda view: (images for images, _ in dataset)  # a new augmentation per view
 
-    def _key_parts(self, level, model, split, views):
-        digest = hashlib.sha256()
-        for weight in model.weights:
-            digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    def _key_parts(self, level, weights_sha256, image_size, split, views):
         files = hashlib.sha256()
         for path in self.splits[split].paths:
             stat = os.stat(path)
@@ -292,7 +293,7 @@ class CachedFeeds:
                                                            "translation", "contrast", "seed")}
                         if split == "train" and self.augmented else None)
         return {"version": FORMAT_VERSION, "level": level, "backbone": cfg.backbone,
-                "image_size": model.input_shape[1], "weights_sha256": digest.hexdigest(),
+                "image_size": image_size, "weights_sha256": weights_sha256,
                 "split": split, "views": views, "augmentation": augmentation,
                 "files_sha256": files.hexdigest()}
 
