@@ -134,3 +134,26 @@ def test_random_affine_rotates_zooms_and_shifts_within_the_pixel_range():
         assert moved.min() >= -1e-3 and moved.max() <= 255 + 1e-3  # reflected, interpolated
     upright = _augment(images[:1], flip="none", rotation=1e-9)  # the transform's centre is right
     np.testing.assert_allclose(upright[0, 0], images[0], atol=1e-2)
+
+
+def test_random_affine_resamples_as_tensorflows_projective_transform_also_under_xla():
+    import keras
+    import tensorflow as tf
+
+    from transfer.layers import _resample
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (6, 20, 16, 3)).astype("float32")
+    angle, scale = rng.uniform(-0.8, 0.8, 6), rng.uniform(0.7, 1.3, 6)
+    flip = rng.choice([-1.0, 1.0], 6)
+    a0, a1 = np.cos(angle) * scale * flip, -np.sin(angle) * scale
+    b0, b1 = np.sin(angle) * scale * flip, np.cos(angle) * scale
+    shift = rng.uniform(-12, 12, (2, 6))  # far enough past the borders to reflect
+    transform = np.stack([a0, a1, 7.5 - a0 * 7.5 - a1 * 9.5 + shift[0],
+                          b0, b1, 9.5 - b0 * 7.5 - b1 * 9.5 + shift[1]], axis=1).astype("float32")
+    expected = keras.ops.image.affine_transform(
+        images, np.concatenate([transform, np.zeros((6, 2), "float32")], axis=1),
+        interpolation="bilinear", fill_mode="reflect")
+    np.testing.assert_allclose(_resample(images, transform), expected, atol=1e-2)
+    compiled = tf.function(_resample, jit_compile=True)
+    np.testing.assert_allclose(compiled(images, transform), expected, atol=1e-2)

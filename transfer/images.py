@@ -38,7 +38,8 @@ def open_rgb(path):
                                      f"(limit {MAX_IMAGE_PIXELS:,})")
                 image.seek(0)
                 image.load()
-                return _to_rgb(ImageOps.exif_transpose(image))
+                ImageOps.exif_transpose(image, in_place=True)
+                return _to_rgb(image)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -72,4 +73,4 @@ def _to_rgb(image):
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")

@@ -28,6 +28,10 @@ class RandomAffine(keras.layers.Layer):
     (`rotation` a fraction of a full turn, `zoom` and `translation` fractions of the size;
     bilinear, borders reflected), composed into one affine transform: those layers resample
     (and blur) the image once each, and cost three times as much together on a CPU.
+
+    The resampling is plain gathers, not ops.image.affine_transform (TensorFlow's
+    ImageProjectiveTransformV3), so that XLA can compile it: jit-compiled, as data.batched
+    runs it, it takes a third of that op's CPU time for the same pixels.
     """
 
     def __init__(self, flip="horizontal", rotation=0.0, zoom=0.0, translation=0.0, seed=None,
@@ -63,10 +67,7 @@ class RandomAffine(keras.layers.Layer):
         center_x, center_y = (width - 1) / 2, (height - 1) / 2
         a2 = center_x - a0 * center_x - a1 * center_y + shift_x
         b2 = center_y - b0 * center_x - b1 * center_y + shift_y
-        zeros = ops.zeros((count,))
-        transform = ops.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
-        return ops.image.affine_transform(images, transform, interpolation="bilinear",
-                                          fill_mode="reflect")
+        return _resample(images, ops.stack([a0, a1, a2, b0, b1, b2], axis=1))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -75,3 +76,37 @@ class RandomAffine(keras.layers.Layer):
         return super().get_config() | {"flip": self.flip, "rotation": self.rotation,
                                        "zoom": self.zoom, "translation": self.translation,
                                        "seed": self.seed}
+
+
+def _resample(images, transform):
+    """Bilinear resampling of [N, H, W, C] images: output pixel (x, y) of image i reads the
+    input at (a0 x + a1 y + a2, b0 x + b1 y + b2) for transform[i] = (a0, a1, a2, b0, b1, b2),
+    with coordinates beyond a border reflected about it (fill_mode="reflect": d c b a | a b c d).
+    """
+    shape = ops.shape(images)
+    count, height, width = shape[0], shape[1], shape[2]
+    rows, columns = ops.meshgrid(ops.arange(height, dtype="float32"),
+                                 ops.arange(width, dtype="float32"), indexing="ij")
+    a0, a1, a2, b0, b1, b2 = (ops.reshape(transform[:, i], (-1, 1, 1)) for i in range(6))
+    x = _reflect(a0 * columns + a1 * rows + a2, width)
+    y = _reflect(b0 * columns + b1 * rows + b2, height)
+    x0, y0 = ops.floor(x), ops.floor(y)
+    fx, fy = ops.expand_dims(x - x0, -1), ops.expand_dims(y - y0, -1)
+    x0, y0 = ops.cast(x0, "int32"), ops.cast(y0, "int32")
+    x1, y1 = ops.minimum(x0 + 1, width - 1), ops.minimum(y0 + 1, height - 1)
+    pixels = ops.reshape(images, (-1, shape[3]))
+    first = ops.reshape(ops.arange(count, dtype="int32") * height * width, (-1, 1, 1))
+
+    def read(row, column):
+        return ops.take(pixels, first + row * width + column, axis=0)
+
+    top = read(y0, x0) * (1 - fx) + read(y0, x1) * fx
+    bottom = read(y1, x0) * (1 - fx) + read(y1, x1) * fx
+    return ops.cast(top * (1 - fy) + bottom * fy, images.dtype)
+
+
+def _reflect(coordinate, size):
+    """Pixel-center coordinates mirrored into [0, size - 1] about the image's edges."""
+    size = ops.cast(size, "float32")
+    folded = ops.mod(coordinate + 0.5, 2 * size)
+    return ops.clip(ops.where(folded >= size, 2 * size - folded, folded) - 0.5, 0, size - 1)
