@@ -11,7 +11,7 @@ backbone (and pooling) over the decoded training images. Prints one JSON line of
   else phase 1 pays for over the training set: decoding, and one pass of the augmentation.
 - every phase's validation accuracy both ways, and the whole run's wall time and peak RSS.
   Round r trains both ways with seed (default + r): the accuracies' medians are over seeds,
-  whose spread (about 0.005 on 1,000 validation images) is larger than the difference.
+  whose spread (about 0.01 on 1,000 validation images) is larger than the difference.
 
     KERAS_HOME=/tmp/keras_home python bench/train_speed.py --data ../shared/datasets/cats_dogs
 """

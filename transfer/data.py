@@ -227,7 +227,7 @@ def batched(dataset, batch_size, augment=None, shuffle_seed=None):
             return compiled(padded)[:count], y
 
         dataset = dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
-    # Fixed parallelism (one call per core) and prefetch, not tf.data's autotuning: beside the
+    # Parallel maps run one call per core, not as tf.data's autotuning sets them: beside the
     # model's own threads, its tuning left a run on one core in 3 of 4 tries (twice the time).
     options = tf.data.Options()
     options.autotune.enabled = False
