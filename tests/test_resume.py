@@ -30,7 +30,11 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, ca
                                                                      options):
     dataset = make_dataset(tmp_path / "stripes", per_class=40, validation=8)
     runs = tmp_path / "runs"
-    command = [sys.executable, "-m", "transfer", "train", "--data", str(dataset),
+    # As `python -m transfer`, with Python's own Ctrl-C handler even when these tests run with
+    # SIGINT ignored (a shell's background job without job control): the child inherits that.
+    command = [sys.executable, "-c", "import signal, sys; from transfer.cli import main; "
+               "signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(main())",
+               "train", "--data", str(dataset),
                "--backbone", "vgg16", "--weights", "none", "--image-size", str(TINY_SIZE),
                "--batch-size", "8", "--epochs", "6", "--fine-tune-epochs", "4",
                "--patience", "20", "--runs-dir", str(runs), *options]
