@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from transfer.files import cache_home, write_atomic
-from transfer.images import IMAGE_EXTENSIONS, ImageError, open_rgb
+from transfer.images import IMAGE_EXTENSIONS, ImageError, decode_workers, open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ def check_files(paths, cache_file=None, workers=None):
         except ImageError as error:
             return str(error)
 
-    workers = workers or min(8, 2 * (os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers or decode_workers()) as pool:
         for path, reason in zip(todo, pool.map(attempt, todo)):
             results[path] = reason
             key = _cache_key(path)

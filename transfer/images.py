@@ -1,5 +1,6 @@
 """Decoding image files: every file either becomes an RGB array or an ImageError saying why."""
 
+import os
 import warnings
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def open_rgb(path):
         message = str(error) or type(error).__name__
         reason = "truncated" if "truncated" in message.lower() else "cannot decode"
         raise ImageError(f"{reason}: {message}") from None
+
+
+def decode_workers():
+    """Threads for decoding: two per core, as Pillow releases the GIL while it decodes."""
+    return 2 * (os.cpu_count() or 1)
 
 
 def load_image(path, size):

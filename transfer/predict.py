@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from transfer.check import list_images
-from transfer.images import ImageError, load_image
+from transfer.images import ImageError, decode_workers, load_image
 
 MODEL_FORMATS = ("a .keras file with classes.json beside it", "a run directory holding model.keras",
                  "a SavedModel version folder", "a SavedModel model folder of integer versions")
@@ -110,10 +110,11 @@ def error_row(path, error):
     return {"path": str(path), "label": None, "probability": None, "top_k": [], "error": error}
 
 
-def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=4):
+def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=None):
     """Yield one row per path: path, label, probability, top_k [(label, p)...], error.
 
-    Images are decoded by `workers` threads, one batch ahead of the model.
+    Images are decoded by `workers` threads (default: decode_workers()), one batch ahead of
+    the model.
     """
     top_k = max(1, min(top_k, len(predictor.classes)))
     batches = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
@@ -124,7 +125,7 @@ def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=4):
         except ImageError as error:
             return None, str(error)
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers or decode_workers()) as pool:
         pending = [pool.submit(decode, path) for path in batches[0]] if batches else []
         for index, batch in enumerate(batches):
             decoded = [future.result() for future in pending]
