@@ -151,6 +151,15 @@ def test_decoded_images_over_the_memory_budget_go_to_a_file_cache(dataset, tmp_p
     np.testing.assert_array_equal(np.stack(first), np.stack(second))
 
 
+def test_a_file_that_breaks_after_the_check_is_named(dataset, tmp_path):
+    split = split_of(dataset / "train", ["horizontal", "vertical"])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    split = data.Split(split.paths + (str(broken),), split.labels + (0,))
+    with pytest.raises(Exception, match=f"{broken} cannot be decoded any more"):
+        list(data.decoded(split, TINY_SIZE))
+
+
 def test_views_visit_every_view_of_every_image():
     features = np.arange(3 * 10, dtype="float32").reshape(3, 10, 1)  # view v, image i: 10v + i
     views = Views(features, labels=np.arange(10) % 2, batch_size=4, shuffle_seed=0)

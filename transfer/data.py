@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from transfer.config import CLASS_WEIGHT_MODES
-from transfer.images import IMAGE_EXTENSIONS, load_image
+from transfer.images import IMAGE_EXTENSIONS, ImageError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,13 @@ def decoded(split, size, memory_budget=2 * 1024**3, cache_file=None):
     import tensorflow as tf
 
     def decode(path):
-        return load_image(os.fsdecode(path), size)
+        path = os.fsdecode(path)
+        try:
+            return load_image(path, size)
+        except ImageError as error:  # it passed the check at the start of the run
+            raise ValueError(f"{path} cannot be decoded any more ({error}): it changed after "
+                             "the data set was checked. Restore or remove it and train "
+                             "again.") from None
 
     def load(path, label):
         image = tf.numpy_function(decode, [path], tf.uint8, stateful=False)
