@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 
 import keras
 import numpy as np
@@ -151,13 +152,17 @@ def test_decoded_images_over_the_memory_budget_go_to_a_file_cache(dataset, tmp_p
     np.testing.assert_array_equal(np.stack(first), np.stack(second))
 
 
-def test_a_file_that_breaks_after_the_check_is_named(dataset, tmp_path):
-    split = split_of(dataset / "train", ["horizontal", "vertical"])
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"not a jpeg")
-    split = data.Split(split.paths + (str(broken),), split.labels + (0,))
-    with pytest.raises(Exception, match=f"{broken} cannot be decoded any more"):
-        list(data.decoded(split, TINY_SIZE))
+def test_an_image_that_breaks_after_the_check_stops_training_naming_it(dataset, tiny_config):
+    from transfer import check
+
+    check.check_dataset(dataset, check.class_names(dataset / "train"))  # verdicts now cached
+    image = sorted((dataset / "train").rglob("*.png"))[0]
+    stat = image.stat()
+    image.write_bytes(b"\0" * stat.st_size)  # same size and time: the cached verdict stands
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ValueError, match=f"{re.escape(str(image))} cannot be decoded any more"
+                                         ".* Restore it and continue with: .* --resume "):
+        train(tiny_config(epochs=1, fine_tune_epochs=0), verbose=0)
 
 
 def test_views_visit_every_view_of_every_image():

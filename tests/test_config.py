@@ -60,3 +60,14 @@ def test_config_file_must_exist_and_be_yaml_or_json(tmp_path):
     (tmp_path / "settings.toml").write_text("x = 1")
     with pytest.raises(ValueError, match=".yaml, .yml or .json"):
         load_file(tmp_path / "settings.toml")
+
+
+def test_malformed_config_files_are_named_with_what_is_wrong(tmp_path):
+    (tmp_path / "broken.yaml").write_text("epochs: [1, 2\n")
+    with pytest.raises(ValueError, match="broken.yaml is not valid YAML"):
+        load_file(tmp_path / "broken.yaml")
+    (tmp_path / "broken.json").write_text("{epochs: 1}")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON: Expecting"):
+        load_file(tmp_path / "broken.json")
+    (tmp_path / "SETTINGS.YAML").write_text("epochs: 3\n")
+    assert load_file(tmp_path / "SETTINGS.YAML") == {"epochs": 3}

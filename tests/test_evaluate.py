@@ -120,9 +120,23 @@ def test_predict_explain_writes_a_gradcam_overlay_per_image(trained_run, tmp_pat
         picture = Image.open(row["explanation"])
         assert picture.size == (TINY_SIZE, TINY_SIZE) and picture.mode == "RGB"
         assert Path(row["explanation"]).name.startswith(Path(row["path"]).stem)
+    for _ in range(2):  # again into the same folder: new files, none overwritten
+        assert main(["predict", "--model", str(run_dir), str(folder), "--explain",
+                     str(tmp_path / "why")]) == 0
+    assert len(list((tmp_path / "why").glob("*.gradcam.png"))) == 3 * 8
     export_dir = tmp_path / "exported"
     assert main(["export", "--run", str(run_dir), "--output", str(export_dir)]) == 0
     capsys.readouterr()
     assert main(["predict", "--model", str(export_dir / "stripes"), str(folder), "--explain",
                  str(tmp_path / "no")]) == 2
     assert "--explain needs the Keras model" in capsys.readouterr().err
+
+
+def test_the_report_after_training_lists_the_files_set_aside(dataset, tiny_config):
+    broken = dataset / "validation" / "vertical" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    from transfer.train import train
+
+    run_dir = train(tiny_config(epochs=1, fine_tune_epochs=0, evaluate=True), verbose=0)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [Path(path).name for path, _ in metrics["set_aside"]] == ["broken.jpg"]

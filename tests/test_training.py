@@ -130,6 +130,28 @@ def test_no_validation_folder_makes_a_saved_disjoint_split(tiny_config, dataset)
         assert {row["phase"] for row in csv.DictReader(handle)} == {"head"}
 
 
+def test_validation_that_cannot_be_made_stops_before_anything_is_written(tiny_config, tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    empty = make_dataset(tmp_path / "empty_validation", per_class=3, validation=0)
+    (empty / "validation" / "horizontal").mkdir(parents=True)
+    with pytest.raises(ValueError, match="validation holds no usable images; add some, or remove"):
+        train(tiny_config(data=str(empty), runs_dir=str(runs)), verbose=0)
+    lonely = make_dataset(tmp_path / "lonely", per_class=3, validation=0)
+    for extra in sorted((lonely / "train" / "vertical").iterdir())[1:]:
+        extra.unlink()
+    shutil.rmtree(lonely / "validation", ignore_errors=True)
+    with pytest.raises(ValueError, match="vertical have one image in train/"):
+        train(tiny_config(data=str(lonely), runs_dir=str(runs)), verbose=0)
+    few = make_dataset(tmp_path / "few", per_class=2, validation=0)
+    shutil.rmtree(few / "validation", ignore_errors=True)
+    with pytest.raises(ValueError, match="too few images for a stratified validation split of "
+                                         "0.9"):
+        train(tiny_config(data=str(few), runs_dir=str(runs), validation_split=0.9), verbose=0)
+    assert not runs.exists()
+
+
 def test_unreadable_training_files_are_set_aside_and_reported(tiny_config, dataset):
     (dataset / "train" / "vertical" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     run_dir = train(tiny_config(fine_tune_epochs=0, epochs=1), verbose=0)

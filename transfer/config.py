@@ -115,13 +115,19 @@ def load_file(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist; expected a .yaml or .json file.")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
+    text, suffix = path.read_text(), path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
         import yaml
 
-        settings = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        settings = json.loads(text)
+        try:
+            settings = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"Config file {path} is not valid YAML: {error}") from None
+    elif suffix == ".json":
+        try:
+            settings = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Config file {path} is not valid JSON: {error}") from None
     else:
         raise ValueError(f"Config file {path} must end in .yaml, .yml or .json; "
                          f"received {path.suffix or 'no suffix'}.")

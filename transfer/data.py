@@ -21,6 +21,7 @@ from transfer.images import IMAGE_EXTENSIONS, ImageError, load_image
 
 log = logging.getLogger(__name__)
 
+DECODE_FAILURE = "cannot be decoded any more"  # train.py finds these words in tf.data's error
 IMBALANCE_RATIO = 1.5  # "auto" weights classes when the largest is this much bigger than the smallest
 
 
@@ -137,9 +138,14 @@ def stratified_split(split, fraction, seed):
     """Seeded stratified (train, validation) split of a Split; the two never overlap."""
     from sklearn.model_selection import train_test_split
 
-    train_paths, val_paths, train_labels, val_labels = train_test_split(
-        list(split.paths), list(split.labels), test_size=fraction, random_state=seed,
-        stratify=list(split.labels))
+    try:
+        train_paths, val_paths, train_labels, val_labels = train_test_split(
+            list(split.paths), list(split.labels), test_size=fraction, random_state=seed,
+            stratify=list(split.labels))
+    except ValueError as error:  # too few images for every class to be on both sides
+        raise ValueError(f"train/ has too few images for a stratified validation split of "
+                         f"{fraction:g} ({error}). Add images, change --validation-split, or add "
+                         "a validation/<class>/ folder.") from None
     return Split(tuple(train_paths), tuple(train_labels)), Split(tuple(val_paths), tuple(val_labels))
 
 
@@ -190,9 +196,8 @@ def decoded(split, size, memory_budget=2 * 1024**3, cache_file=None):
         try:
             return load_image(path, size)
         except ImageError as error:  # it passed the check at the start of the run
-            raise ValueError(f"{path} cannot be decoded any more ({error}): it changed after "
-                             "the data set was checked. Restore or remove it and train "
-                             "again.") from None
+            raise ValueError(f"{path} {DECODE_FAILURE} ({error}): it changed after the data "
+                             "set was checked.") from None
 
     def load(path, label):
         image = tf.numpy_function(decode, [path], tf.uint8, stateful=False)

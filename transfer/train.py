@@ -55,7 +55,16 @@ def train(cfg, verbose="auto"):
     train_split = _split(reports[0], classes)
     if len(reports) == 2:
         val_split = _split(reports[1], classes)
+        if not val_split:
+            raise ValueError(f"{data_dir / 'validation'} holds no usable images; add some, or "
+                             "remove the folder to validate on a seeded --validation-split of "
+                             "train/.")
     else:
+        single = [cls for cls, count in reports[0].counts().items() if count < 2]
+        if single:
+            raise ValueError(f"Class(es) {', '.join(single)} have one image in train/, too few "
+                             "to be both trained and validated on; add images, or add a "
+                             "validation/<class>/ folder.")
         train_split, val_split = data.stratified_split(train_split, cfg.validation_split, cfg.seed)
         log.info("No validation/ folder: a seeded stratified %.0f%% of train/ validates "
                  "(%d images)", 100 * cfg.validation_split, len(val_split))
@@ -191,6 +200,14 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, ji
     except KeyboardInterrupt:
         log.warning("Interrupted. Continue with: python -m transfer train --resume %s", run_dir)
         raise
+    except tf.errors.InvalidArgumentError as error:  # raised inside tf.data's decoding
+        line = next((line for line in error.message.splitlines()
+                     if data.DECODE_FAILURE in line), None)
+        if line is None:
+            raise
+        raise ValueError(f"{line.strip().removeprefix('ValueError: ')} Restore it and continue "
+                         f"with: python -m transfer train --resume {run_dir}; or remove it and "
+                         "train again.") from None
 
     with atomic_path(run_dir / "model.keras") as temporary:
         model.save(temporary)
@@ -213,7 +230,10 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, ji
              summary["seconds"], best["val_accuracy"], best["val_loss"], best["phase"],
              best["epoch"], run_dir / "model.keras")
     if cfg.evaluate:
-        evaluate(model, classes, val_split.paths, val_split.labels, run_dir, run_dir=run_dir)
+        with open(run_dir / "bad_files.csv", newline="") as handle:
+            set_aside = [(row["path"], row["reason"]) for row in csv.DictReader(handle)]
+        evaluate(model, classes, val_split.paths, val_split.labels, run_dir, run_dir=run_dir,
+                 set_aside=set_aside)
     return run_dir
 
 
