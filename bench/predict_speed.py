@@ -135,7 +135,7 @@ def main():
 
     from transfer.predict import Predictor, expand_paths
 
-    files, _ = expand_paths([args.images])
+    files = expand_paths([args.images])[0]
     results = [measure(args.model, args.images, files, args.loop_images, args.repeats)]
     if args.also:
         with tempfile.TemporaryDirectory() as folder:

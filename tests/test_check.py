@@ -254,10 +254,24 @@ def test_train_and_predict_use_exactly_the_good_files_and_report_exactly_the_bad
         used = [row["path"] for row in csv.DictReader(handle) if row["label"] == "cats"]
     assert sorted(path.rsplit("/", 1)[1] for path in used) == sorted(good)
 
-    paths, problems = expand_paths([tmp_path / "pets" / "train" / "cats"])
+    paths, problems, _ = expand_paths([tmp_path / "pets" / "train" / "cats"])
     rows = list(predict_paths(Predictor(run_dir), paths, batch_size=5))
     failed = {row["path"].rsplit("/", 1)[1] for row in rows if row["error"]}
     failed |= {path.name for path, _ in problems}
     predicted = sorted(row["path"].rsplit("/", 1)[1] for row in rows if not row["error"])
     assert failed == set(bad)
     assert predicted == sorted(good)
+
+
+def test_a_file_linked_into_two_classes_or_splits_is_used_once(tmp_path):
+    data_dir = make_dataset(tmp_path / "pets", classes=("cats", "dogs"), per_class=3, validation=1)
+    cat = sorted((data_dir / "train" / "cats").iterdir())[0]
+    (data_dir / "train" / "dogs" / "also_a_dog.png").symlink_to(cat)
+    (data_dir / "validation" / "cats" / "leaked.png").symlink_to(cat)
+    train, validation = check.check_dataset(data_dir, ["cats", "dogs"])
+    assert cat in train.good["cats"]
+    assert {path.name for path, reason in train.bad + validation.bad
+            if reason.startswith("repeated link")} == {"also_a_dog.png", "leaked.png"}
+    assert all(path.name not in ("also_a_dog.png", "leaked.png")
+               for report in (train, validation) for paths in report.good.values()
+               for path in paths)

@@ -102,8 +102,9 @@ def test_predict_keras_and_savedmodel_agree_and_report_bad_files(trained_run, tm
     export = export_savedmodel(load_model(run_dir / "model.keras"), ["horizontal", "vertical"],
                                tmp_path / "models" / "stripes")
 
-    paths, problems = expand_paths([folder])
+    paths, problems, skipped = expand_paths([folder])
     assert len(paths) == 9 and problems == [] and not any(p.name == "notes.txt" for p in paths)
+    assert [p.name for p in skipped] == ["notes.txt"]  # counted in the CLI's summary line
     from_keras = list(predict_paths(Predictor(run_dir), paths, batch_size=3))
     from_savedmodel = list(predict_paths(Predictor(export.parent), paths, batch_size=4))
     assert [r["label"] for r in from_keras] == [r["label"] for r in from_savedmodel]
@@ -131,7 +132,9 @@ def test_predict_cli_writes_csv_and_json_and_exit_status(trained_run, tmp_path, 
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [row["path"] for row in rows] == [str(good)] and rows[0]["label"] in ("horizontal", "vertical")
 
-    out = tmp_path / "predictions.json"
+    assert main(["predict", "--model", str(run_dir), str(good), "--output", str(tmp_path)]) == 2
+    assert "is a folder; expected a file name ending in .csv or .json" in capsys.readouterr().err
+    out = tmp_path / "new" / "predictions.json"  # its folder is made
     status = main(["predict", "--model", str(run_dir), str(good), str(broken), "--output", str(out)])
     rows = json.loads(out.read_text())
     assert status == 1  # some file failed
@@ -152,11 +155,40 @@ def test_predict_with_classes_that_contradict_the_model_fails_clearly(trained_ru
     assert main(["predict", "--model", str(run_dir), "--classes", "vertical,horizontal",
                  image]) == 0
     labels = tmp_path / "labels.txt"
+    labels.write_text("horizontal\nvertical\n")
+    assert main(["predict", "--model", str(run_dir), "--classes", str(labels), image]) == 0
     labels.write_text("cat\ndog\n")
     capsys.readouterr()
     assert main(["predict", "--model", str(run_dir), "--classes", str(labels), image]) == 2
     assert ("was trained on classes horizontal, vertical; --classes gives cat, dog"
             in capsys.readouterr().err)
+
+
+def test_an_export_that_does_not_reproduce_the_model_is_not_published(trained_run, tmp_path,
+                                                                      monkeypatch):
+    import keras
+
+    run_dir, _ = trained_run
+    model = load_model(run_dir / "model.keras")
+    archive_class = type(keras.export.ExportArchive())
+    real_write_out = archive_class.write_out
+
+    def write_then_change_the_model(self, path, **kwargs):
+        real_write_out(self, path, **kwargs)
+        bias = model.get_layer("probabilities").bias
+        bias.assign(bias + np.array([5.0, -5.0], dtype="float32"))  # now it differs
+
+    monkeypatch.setattr(archive_class, "write_out", write_then_change_the_model)
+    with pytest.raises(ValueError, match="does not reproduce the model"):
+        export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes")
+    assert list((tmp_path / "stripes").iterdir()) == []
+
+
+def test_export_finds_the_newest_run_of_a_data_set_given_as_a_folder(trained_run, tmp_path):
+    run_dir, dataset = trained_run  # trained with --data <folder>: filed under its name
+    assert main(["export", "--data", str(dataset), "--runs-dir", str(run_dir.parents[1]),
+                 "--output", str(tmp_path)]) == 0
+    assert (tmp_path / dataset.name / "1" / "saved_model.pb").is_file()
 
 
 def test_an_interrupted_export_leaves_no_version_behind(trained_run, tmp_path, monkeypatch):

@@ -158,3 +158,18 @@ def test_a_bad_image_in_a_busy_batch_fails_only_its_own_request(server):
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda body: call(base + ":predict", body), bodies))
     assert [status for status, _ in results] == [200] * 5 + [400] + [200] * 6
+
+
+def test_a_port_in_use_is_named_with_the_fix(trained_run, tmp_path, capsys):
+    from transfer.cli import main
+
+    run_dir, _ = trained_run
+    model_dir = tmp_path / "stripes"
+    export_savedmodel(load_model(run_dir / "model.keras"), ["horizontal", "vertical"], model_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(model_dir), "--port", str(port)]) == 2
+    error = capsys.readouterr().err
+    assert f"Port {port} on 127.0.0.1 is already in use" in error and "--port" in error

@@ -32,12 +32,16 @@ class Listing:
     problems: list = dataclasses.field(default_factory=list)  # (path, reason)
 
 
-def list_images(folder):
-    """Walk `folder` for image files, following directory links once and detecting loops."""
+def list_images(folder, seen_files=None):
+    """Walk `folder` for image files, following directory links once and detecting loops.
+
+    seen_files ({real path: path}) is shared by the calls that list one data set, so a file
+    linked into two classes or splits is used once.
+    """
     listing = Listing()
     folder = Path(folder)
     seen = {os.path.realpath(folder)}
-    seen_files = {}
+    seen_files = {} if seen_files is None else seen_files
     for root, dirs, files in os.walk(folder, followlinks=True):
         root = Path(root)
         for name in sorted(dirs):
@@ -78,7 +82,7 @@ def class_names(train_dir):
     return names
 
 
-def scan_split(split_dir, classes, require_all=True):
+def scan_split(split_dir, classes, require_all=True, seen_files=None):
     """{class: Listing} for split_dir/<class>/ of each class, checking the folder layout."""
     split_dir = Path(split_dir)
     extra = sorted(p.name for p in split_dir.iterdir()
@@ -89,7 +93,7 @@ def scan_split(split_dir, classes, require_all=True):
     listings = {}
     for name in classes:
         folder = split_dir / name
-        listings[name] = list_images(folder) if folder.is_dir() else Listing()
+        listings[name] = list_images(folder, seen_files) if folder.is_dir() else Listing()
         if require_all and not listings[name].images:
             raise ValueError(f"Class folder {folder} holds no images "
                              f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder.")
@@ -138,8 +142,8 @@ class SplitReport:
         return {name: len(paths) for name, paths in self.good.items()}
 
 
-def check_split(name, split_dir, classes, cache_file=None, require_all=True):
-    listings = scan_split(split_dir, classes, require_all)
+def check_split(name, split_dir, classes, cache_file=None, require_all=True, seen_files=None):
+    listings = scan_split(split_dir, classes, require_all, seen_files)
     candidates = [path for listing in listings.values() for path in listing.images]
     results = check_files(candidates, cache_file)
     good = {cls: [p for p in listing.images if results[p] is None]
@@ -160,11 +164,11 @@ def check_split(name, split_dir, classes, cache_file=None, require_all=True):
 def check_dataset(data_dir, classes):
     """A SplitReport for train/ and, when there is one, validation/, using the check cache."""
     data_dir = Path(data_dir)
-    cache = cache_file_for(data_dir)
-    reports = [check_split("train", data_dir / "train", classes, cache)]
+    cache, seen_files = cache_file_for(data_dir), {}
+    reports = [check_split("train", data_dir / "train", classes, cache, seen_files=seen_files)]
     if (data_dir / "validation").is_dir():
         reports.append(check_split("validation", data_dir / "validation", classes, cache,
-                                   require_all=False))
+                                   require_all=False, seen_files=seen_files))
     return reports
 
 

@@ -256,14 +256,17 @@ def cmd_export(args):
     from transfer.model import load_model
     from transfer.train import latest_run
 
-    run_dir = Path(args.run) if args.run else latest_run(Path(args.runs_dir) / args.data)
+    from transfer.data import dataset_name
+
+    run_dir = (Path(args.run) if args.run
+               else latest_run(Path(args.runs_dir) / dataset_name(args.data)))
     model_file = run_dir / "model.keras"
     if not model_file.is_file():
         raise FileNotFoundError(f"{model_file} does not exist; expected a run directory of "
                                 "`python -m transfer train`.")
     run_config = json.loads((run_dir / "config.json").read_text())
     classes = json.loads((run_dir / "classes.json").read_text())
-    name = args.name or args.data or Path(run_config["data_dir"]).name
+    name = args.name or run_dir.resolve().parent.name  # runs/<data set name>/<run>
     model = load_model(model_file)
     size = model.input_shape[1]
     formats = [f for f in args.format if f != "savedmodel"]
@@ -325,13 +328,21 @@ def cmd_serve(args):
 
 
 def cmd_predict(args):
+    from transfer.images import IMAGE_EXTENSIONS
     from transfer.predict import (Predictor, check_classes, error_row, expand_paths, explain,
                                   predict_paths, write_rows)
 
     _require_positive(args, "top_k", "batch_size")
-    paths, problems = expand_paths(args.images)
+    if args.output and Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder; expected a file name ending in "
+                         ".csv or .json.")
+    paths, problems, skipped = expand_paths(args.images)
     if not paths and not problems:
-        raise FileNotFoundError(f"No images found in {', '.join(args.images)}.")
+        raise FileNotFoundError(f"No images found in {', '.join(args.images)} ({len(skipped)} "
+                                "non-image or hidden file(s) skipped); expected files ending in "
+                                f"{', '.join(IMAGE_EXTENSIONS)}.")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(args.model)
     if args.explain:
         predictor.require_keras("--explain")
@@ -348,6 +359,7 @@ def cmd_predict(args):
     else:
         write_rows(rows, sys.stdout, fmt)
     failed = [row for row in rows if row["error"]]
-    log.info("%d images: %d predicted, %d failed%s", len(rows), len(rows) - len(failed),
-             len(failed), f"; wrote {args.output}" if args.output else "")
+    log.info("%d images: %d predicted, %d failed%s%s", len(rows), len(rows) - len(failed),
+             len(failed), f"; {len(skipped)} non-image or hidden file(s) skipped in the folders"
+             if skipped else "", f"; wrote {args.output}" if args.output else "")
     return 1 if failed else 0

@@ -51,7 +51,9 @@ def evaluate_folder(model_path, folder, output=None):
     paths = [(str(p), classes.index(c)) for c in classes for p in report.good[c]]
     for path, reason in report.bad:
         log.warning("Set aside %s: %s", path, reason)
-    target = Path(output) if output else run_dir or Path(model_path).parent
+    model_path = Path(model_path)
+    target = (Path(output) if output
+              else run_dir or (model_path if model_path.is_dir() else model_path.parent))
     return evaluate(model, classes, [p for p, _ in paths], [l for _, l in paths], target,
                     run_dir=run_dir, set_aside=report.bad)
 

@@ -60,8 +60,8 @@ def decode_and_resize(image_bytes, size):
 def export_savedmodel(model, classes, model_dir, sample_images=None, config=None):
     """Write model_dir/<next version>/ and return its path; never overwrites a version.
 
-    The version is written under a temporary name and renamed into place, then reloaded and
-    checked against `model` on `sample_images` (random pixels if none are given).
+    The version is written under a temporary name, reloaded and checked against `model` on
+    `sample_images` (random pixels if none are given), and only then renamed into place.
     """
     import keras
     import tensorflow as tf
@@ -99,13 +99,13 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
         write_json(extra / CLASSES_ASSET, list(classes))
         if config is not None:
             write_json(extra / CONFIG_ASSET, config)
+        verify_export(model, staging, sample_images)  # a failing export is never published
         target = model_dir / str(version)
         if target.exists():  # another export took this version meanwhile
             raise FileExistsError(f"{target} already exists; exports never overwrite a version.")
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    verify_export(model, target, sample_images)
     log.info("Exported %s (version %d of %s)", target, version, model_dir.name)
     return target
 

@@ -1,6 +1,7 @@
 """Predict: image files and folders in, one row per image out. Knows nothing of training."""
 
 import concurrent.futures
+import itertools
 import json
 from pathlib import Path
 
@@ -79,17 +80,19 @@ class Predictor:
 
 
 def expand_paths(inputs):
-    """(paths, problems): files as given plus images found in folders, recursively, and
-    (path, reason) for links that were not followed. A bad file gets its error row later."""
-    paths, problems = [], []
+    """(paths, problems, skipped): files as given plus images found in folders, recursively;
+    (path, reason) for links that were not followed; and the folders' hidden files and files
+    without an image extension. A bad file gets its error row later."""
+    paths, problems, skipped = [], [], []
     for item in map(Path, inputs):
         if item.is_dir():
             listing = list_images(item)
             paths += listing.images
             problems += listing.problems
+            skipped += listing.skipped
         else:
             paths.append(item)
-    return paths, problems
+    return paths, problems, skipped
 
 
 def check_classes(predictor, expected):
@@ -97,7 +100,8 @@ def check_classes(predictor, expected):
     path = Path(expected)
     if path.is_file():
         text = path.read_text()
-        names = json.loads(text) if path.suffix == ".json" else text.split()
+        names = (json.loads(text) if path.suffix == ".json"
+                 else [line.strip() for line in text.splitlines() if line.strip()])
     else:
         names = [name.strip() for name in expected.split(",") if name.strip()]
     if sorted(names) != sorted(predictor.classes):
@@ -186,11 +190,10 @@ def explain(predictor, rows, folder, batch_size=32):
         classes = [predictor.classes.index(row["label"]) for row in batch]
         pictures = overlay(images, gradcam(predictor.model, images, classes))
         for row, picture in zip(batch, pictures):
-            name = f"{Path(row['path']).stem}.gradcam.png"
-            for number in range(1, len(rows) + 1):
-                if name not in taken and not (folder / name).exists():
-                    break
-                name = f"{Path(row['path']).stem}-{number}.gradcam.png"
+            stem = Path(row["path"]).stem
+            name = next(name for name in itertools.chain(
+                [f"{stem}.gradcam.png"], (f"{stem}-{n}.gradcam.png" for n in itertools.count(1)))
+                if name not in taken and not (folder / name).exists())  # never overwrite
             taken.add(name)
             Image.fromarray(picture).save(folder / name)
             row["explanation"] = str(folder / name)

@@ -12,6 +12,7 @@ Every bad request gets a 4xx and a JSON {"error": ...}, as TensorFlow Serving an
 import asyncio
 import base64
 import binascii
+import errno
 import gc
 import json
 import logging
@@ -330,4 +331,11 @@ def serve(model_dir, host="127.0.0.1", port=8501, max_batch=32, batch_wait_ms=2.
     log.info("Serving %s version %d (of %s) at http://%s:%d/v1/models/%s", server.name,
              newest.version, ", ".join(map(str, sorted(versions(server.model_dir)))), host, port,
              server.name)
-    web.run_app(build_app(server, int(max_body_mb * 2**20)), host=host, port=port, print=None)
+    try:
+        web.run_app(build_app(server, int(max_body_mb * 2**20)), host=host, port=port,
+                    print=None)
+    except OSError as error:
+        if error.errno != errno.EADDRINUSE:
+            raise
+        raise ValueError(f"Port {port} on {host} is already in use (by another server, or "
+                         "TensorFlow Serving itself); choose another with --port.") from None
