@@ -5,10 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= cats_dogs
 RUN ?=
-IMAGES ?= data/$(DATA)/validation
+# DATA is a data set's name (under $TRANSFER_DATA_HOME or data/) or a folder; runs and exports
+# are filed under the name, or the folder's own name.
+IS_FOLDER := $(wildcard $(DATA)/.)
+NAME := $(if $(IS_FOLDER),$(notdir $(abspath $(DATA))),$(DATA))
+IMAGES ?= $(if $(IS_FOLDER),$(DATA),$(or $(TRANSFER_DATA_HOME),data)/$(DATA))/validation
 
-TRAIN_FLAGS := --data $(DATA) $(if $(BACKBONE),--backbone $(BACKBONE)) \
-	$(if $(CONFIG),--config $(CONFIG)) $(if $(RESUME),--resume) $(ARGS)
+# With CONFIG and no DATA given, the config file's data: setting is used.
+TRAIN_FLAGS := $(if $(and $(CONFIG),$(filter file,$(origin DATA))),,--data "$(DATA)") \
+	$(if $(BACKBONE),--backbone $(BACKBONE)) $(if $(CONFIG),--config "$(CONFIG)") \
+	$(if $(RESUME),--resume) $(ARGS)
 
 .PHONY: install train check export serve predict backbones test clean-venv
 
@@ -24,16 +30,16 @@ train: install
 	$(PY) -m transfer train $(TRAIN_FLAGS)
 
 check: install
-	$(PY) -m transfer check $(DATA)
+	$(PY) -m transfer check "$(DATA)"
 
 export: install
-	$(PY) -m transfer export $(if $(RUN),--run $(RUN),--data $(DATA))
+	$(PY) -m transfer export $(if $(RUN),--run "$(RUN)",--data "$(DATA)")
 
 serve: install
-	$(PY) -m transfer serve saved_models/$(DATA) $(ARGS)
+	$(PY) -m transfer serve "saved_models/$(NAME)" $(ARGS)
 
 predict: install
-	$(PY) predict.py --model $(or $(MODEL),saved_models/$(DATA)) $(IMAGES)
+	$(PY) predict.py --model "$(or $(MODEL),saved_models/$(NAME))" "$(IMAGES)"
 
 backbones: install
 	$(PY) -m transfer backbones
