@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 DATA ?= cats_dogs
 RUN ?=
 # DATA is a data set's name (under $TRANSFER_DATA_HOME or data/) or a folder; runs and exports
-# are filed under the name, or the folder's own name.
+# are filed under the name, or the folder's own name (links resolved). make cannot take folder
+# paths with spaces here: use python -m transfer for those.
 IS_FOLDER := $(wildcard $(DATA)/.)
-NAME := $(if $(IS_FOLDER),$(notdir $(abspath $(DATA))),$(DATA))
+NAME := $(if $(IS_FOLDER),$(notdir $(realpath $(DATA))),$(DATA))
 IMAGES ?= $(if $(IS_FOLDER),$(DATA),$(or $(TRANSFER_DATA_HOME),data)/$(DATA))/validation
 
 # With CONFIG and no DATA given, the config file's data: setting is used.

@@ -1,6 +1,8 @@
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +107,13 @@ def trained_run(tmp_path_factory):
                              image_size=TINY_SIZE, batch_size=4, epochs=2, fine_tune_epochs=0,
                              runs_dir=str(root / "runs")))
     return train(cfg, verbose=0), dataset
+
+
+def png_header_only(width, height):
+    """A valid PNG header declaring width x height, with a tiny IDAT: a decompression bomb."""
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))

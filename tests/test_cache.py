@@ -160,7 +160,7 @@ def test_an_image_that_breaks_after_the_check_stops_training_naming_it(dataset, 
     stat = image.stat()
     image.write_bytes(b"\0" * stat.st_size)  # same size and time: the cached verdict stands
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    with pytest.raises(ValueError, match=f"{re.escape(str(image))} cannot be decoded any more"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(image))} cannot be decoded any more"
                                          ".* Restore it and continue with: .* --resume "):
         train(tiny_config(epochs=1, fine_tune_epochs=0), verbose=0)
 

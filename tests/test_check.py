@@ -4,14 +4,12 @@ import io
 import os
 import random
 import signal
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_dataset
+from conftest import make_dataset, png_header_only
 from transfer import check
 from transfer.cli import main
 from transfer.images import MAX_IMAGE_PIXELS, ImageError, load_image, open_rgb
@@ -21,16 +19,6 @@ def _jpeg_bytes(size=(48, 32), color=(200, 30, 30), **save):
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, "JPEG", **save)
     return buffer.getvalue()
-
-
-def _png_header_only(width, height):
-    """A valid PNG header declaring width x height, with a tiny IDAT: a decompression bomb."""
-    def chunk(kind, body):
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
 
 
 def _exif_rotated_jpeg(path):
@@ -70,7 +58,7 @@ def build_dirty_class(folder):
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "truncated.jpg").write_bytes(_jpeg_bytes(size=(64, 64))[:400])
     (folder / "notes.jpg").write_text("this is not a picture\n")
-    (folder / "bomb.png").write_bytes(_png_header_only(50_000, 50_000))
+    (folder / "bomb.png").write_bytes(png_header_only(50_000, 50_000))
     rgb.save(folder / "scan.jpg", "TIFF")
     (folder / "dangling.jpg").symlink_to(folder / "deleted-long-ago.jpg")
     bad = {"zero.jpg": "zero bytes", "truncated.jpg": "truncated", "notes.jpg": "not an image",
@@ -118,7 +106,7 @@ def test_conversions_are_the_documented_ones(tmp_path):
 
 def test_decompression_bomb_is_rejected_by_the_pixel_limit_not_by_memory(tmp_path):
     side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
-    (tmp_path / "big.png").write_bytes(_png_header_only(side, side))
+    (tmp_path / "big.png").write_bytes(png_header_only(side, side))
     with pytest.raises(ImageError, match="too large"):
         open_rgb(tmp_path / "big.png")
 
@@ -263,15 +251,19 @@ def test_train_and_predict_use_exactly_the_good_files_and_report_exactly_the_bad
     assert predicted == sorted(good)
 
 
-def test_a_file_linked_into_two_classes_or_splits_is_used_once(tmp_path):
+def test_a_file_linked_into_two_classes_or_splits_is_used_once_where_it_is(tmp_path):
     data_dir = make_dataset(tmp_path / "pets", classes=("cats", "dogs"), per_class=3, validation=1)
-    cat = sorted((data_dir / "train" / "cats").iterdir())[0]
-    (data_dir / "train" / "dogs" / "also_a_dog.png").symlink_to(cat)
-    (data_dir / "validation" / "cats" / "leaked.png").symlink_to(cat)
+    dog = sorted((data_dir / "train" / "dogs").iterdir())[0]
+    (data_dir / "train" / "cats" / "a_link.png").symlink_to(dog)  # listed before the dog itself
+    (data_dir / "validation" / "dogs" / "leaked.png").symlink_to(dog)
+    cat = sorted((data_dir / "validation" / "cats").iterdir())[0]
+    (data_dir / "train" / "cats" / "from_validation.png").symlink_to(cat)
     train, validation = check.check_dataset(data_dir, ["cats", "dogs"])
-    assert cat in train.good["cats"]
-    assert {path.name for path, reason in train.bad + validation.bad
-            if reason.startswith("repeated link")} == {"also_a_dog.png", "leaked.png"}
-    assert all(path.name not in ("also_a_dog.png", "leaked.png")
+    assert dog in train.good["dogs"] and cat in validation.good["cats"]
+    assert {path.name: reason for path, reason in train.bad + validation.bad} == {
+        "a_link.png": f"repeated link: same file as {dog}, which is used once",
+        "leaked.png": f"repeated link: same file as {dog}, which is used once",
+        "from_validation.png": f"repeated link: same file as {cat}, which is used once"}
+    assert all(path.name not in ("a_link.png", "leaked.png", "from_validation.png")
                for report in (train, validation) for paths in report.good.values()
                for path in paths)

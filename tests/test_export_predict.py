@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,14 @@ def test_bytes_signature_matches_the_image_signature_on_the_same_pictures(traine
         blobs.append(buffer.getvalue())
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (60, 80, 4), dtype=np.uint8), "RGBA").save(buffer, "PNG")
+    blobs.append(buffer.getvalue())
+    keyed = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    keyed[:30] = (10, 20, 30)
+    buffer = io.BytesIO()  # one colour marked transparent (tRNS), not an alpha channel
+    Image.fromarray(keyed).save(buffer, "PNG", transparency=(10, 20, 30))
+    blobs.append(buffer.getvalue())
+    buffer = io.BytesIO()  # 16-bit grey whose values all fit in 8 bits: scaled all the same
+    Image.fromarray(np.full((60, 80), 200, np.uint16)).save(buffer, "PNG")
     blobs.append(buffer.getvalue())
     for i, blob in enumerate(blobs):
         (tmp_path / f"{i}.img").write_bytes(blob)
@@ -155,8 +164,6 @@ def test_predict_with_classes_that_contradict_the_model_fails_clearly(trained_ru
     assert main(["predict", "--model", str(run_dir), "--classes", "vertical,horizontal",
                  image]) == 0
     labels = tmp_path / "labels.txt"
-    labels.write_text("horizontal\nvertical\n")
-    assert main(["predict", "--model", str(run_dir), "--classes", str(labels), image]) == 0
     labels.write_text("cat\ndog\n")
     capsys.readouterr()
     assert main(["predict", "--model", str(run_dir), "--classes", str(labels), image]) == 2
@@ -179,7 +186,8 @@ def test_an_export_that_does_not_reproduce_the_model_is_not_published(trained_ru
         bias.assign(bias + np.array([5.0, -5.0], dtype="float32"))  # now it differs
 
     monkeypatch.setattr(archive_class, "write_out", write_then_change_the_model)
-    with pytest.raises(ValueError, match="does not reproduce the model"):
+    with pytest.raises(ValueError, match=f"The export {re.escape(str(tmp_path / 'stripes' / '1'))} "
+                                         r"\(not published\) does not reproduce the model"):
         export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes")
     assert list((tmp_path / "stripes").iterdir()) == []
 
@@ -189,6 +197,9 @@ def test_export_finds_the_newest_run_of_a_data_set_given_as_a_folder(trained_run
     assert main(["export", "--data", str(dataset), "--runs-dir", str(run_dir.parents[1]),
                  "--output", str(tmp_path)]) == 0
     assert (tmp_path / dataset.name / "1" / "saved_model.pb").is_file()
+    moved = shutil.copytree(run_dir, tmp_path / "best")  # a run kept elsewhere
+    assert main(["export", "--run", str(moved), "--output", str(tmp_path)]) == 0
+    assert (tmp_path / dataset.name / "2" / "saved_model.pb").is_file()
 
 
 def test_an_interrupted_export_leaves_no_version_behind(trained_run, tmp_path, monkeypatch):
@@ -209,3 +220,17 @@ def test_an_interrupted_export_leaves_no_version_behind(trained_run, tmp_path, m
     assert list((tmp_path / "stripes").iterdir()) == []
     monkeypatch.undo()
     assert export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes").name == "1"
+
+
+def test_a_classes_file_holds_one_name_per_line(tmp_path):
+    from types import SimpleNamespace
+
+    from transfer.predict import check_classes
+
+    model = SimpleNamespace(classes=["golden retriever", "pug"], path=tmp_path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("pug\ngolden retriever\n")
+    check_classes(model, labels)
+    labels.write_text("pug\ngolden\n")
+    with pytest.raises(ValueError, match="--classes gives pug, golden"):
+        check_classes(model, labels)

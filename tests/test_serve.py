@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY_SIZE
+from conftest import REPO, TINY_SIZE, png_header_only
 from transfer.export import export_savedmodel
 from transfer.model import load_model
 
@@ -126,6 +126,9 @@ def test_predict_rows_columns_and_bytes_agree_with_the_model(server):
     (":predict", {"signature_name": "serve_bytes",
                   "instances": [{"b64": base64.b64encode(bytes(20_000)).decode()}]}, 413,
      "exceeds the limit"),
+    (":predict", {"signature_name": "serve_bytes",  # 70 bytes declaring 10,000 x 10,000
+                  "instances": [{"b64": base64.b64encode(png_header_only(10**4, 10**4)).decode()}]},
+     413, "an image of 100,000,000 pixels exceeds the limit of 64,000,000"),
     (":predict", b"[" + b"0," * 600_000 + b"0]", 413, "Request body exceeds"),
     ("/versions/7:predict", {"instances": [1]}, 404, "Specific(stripes, 7)"),
     ("/versions/x:predict", {"instances": [1]}, 400, "Version must be an integer"),

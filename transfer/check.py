@@ -35,8 +35,9 @@ class Listing:
 def list_images(folder, seen_files=None):
     """Walk `folder` for image files, following directory links once and detecting loops.
 
-    seen_files ({real path: path}) is shared by the calls that list one data set, so a file
-    linked into two classes or splits is used once.
+    seen_files ({real path: (path, its Listing)}) is shared by the calls that list one data
+    set, so a file linked into two classes or splits is used once: where the file itself is,
+    else at its first link.
     """
     listing = Listing()
     folder = Path(folder)
@@ -61,12 +62,22 @@ def list_images(folder, seen_files=None):
             if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 listing.skipped.append(path)
             elif real in seen_files:
-                listing.problems.append((path, f"repeated link: same file as {seen_files[real]}, "
-                                               "which is used once"))
+                kept, kept_in = seen_files[real]
+                if kept.is_symlink() and not path.is_symlink():  # the file itself wins
+                    kept_in.images.remove(kept)
+                    kept_in.problems.append((kept, _repeated(path)))
+                    seen_files[real] = path, listing
+                    listing.images.append(path)
+                else:
+                    listing.problems.append((path, _repeated(kept)))
             else:
-                seen_files[real] = path
+                seen_files[real] = path, listing
                 listing.images.append(path)
     return listing
+
+
+def _repeated(used):
+    return f"repeated link: same file as {used}, which is used once"
 
 
 def class_names(train_dir):
@@ -142,8 +153,12 @@ class SplitReport:
         return {name: len(paths) for name, paths in self.good.items()}
 
 
-def check_split(name, split_dir, classes, cache_file=None, require_all=True, seen_files=None):
-    listings = scan_split(split_dir, classes, require_all, seen_files)
+def check_split(name, split_dir, classes, cache_file=None, require_all=True):
+    return _checked(name, split_dir, scan_split(split_dir, classes, require_all), cache_file,
+                    require_all)
+
+
+def _checked(name, split_dir, listings, cache_file, require_all):
     candidates = [path for listing in listings.values() for path in listing.images]
     results = check_files(candidates, cache_file)
     good = {cls: [p for p in listing.images if results[p] is None]
@@ -164,12 +179,14 @@ def check_split(name, split_dir, classes, cache_file=None, require_all=True, see
 def check_dataset(data_dir, classes):
     """A SplitReport for train/ and, when there is one, validation/, using the check cache."""
     data_dir = Path(data_dir)
-    cache, seen_files = cache_file_for(data_dir), {}
-    reports = [check_split("train", data_dir / "train", classes, cache, seen_files=seen_files)]
+    splits = [("train", True)]
     if (data_dir / "validation").is_dir():
-        reports.append(check_split("validation", data_dir / "validation", classes, cache,
-                                   require_all=False, seen_files=seen_files))
-    return reports
+        splits.append(("validation", False))
+    seen_files = {}  # both splits are listed before either is checked: a link may move
+    listings = [scan_split(data_dir / name, classes, require_all, seen_files)
+                for name, require_all in splits]
+    return [_checked(name, data_dir / name, listed, cache_file_for(data_dir), require_all)
+            for (name, require_all), listed in zip(splits, listings)]
 
 
 def summary_line(data_name, classes, reports):

@@ -266,7 +266,7 @@ def cmd_export(args):
                                 "`python -m transfer train`.")
     run_config = json.loads((run_dir / "config.json").read_text())
     classes = json.loads((run_dir / "classes.json").read_text())
-    name = args.name or run_dir.resolve().parent.name  # runs/<data set name>/<run>
+    name = args.name or run_config.get("data_name") or dataset_name(run_config["data_dir"])
     model = load_model(model_file)
     size = model.input_shape[1]
     formats = [f for f in args.format if f != "savedmodel"]

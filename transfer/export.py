@@ -99,8 +99,8 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
         write_json(extra / CLASSES_ASSET, list(classes))
         if config is not None:
             write_json(extra / CONFIG_ASSET, config)
-        verify_export(model, staging, sample_images)  # a failing export is never published
         target = model_dir / str(version)
+        verify_export(model, staging, sample_images, name=f"{target} (not published)")
         if target.exists():  # another export took this version meanwhile
             raise FileExistsError(f"{target} already exists; exports never overwrite a version.")
         staging.rename(target)
@@ -110,8 +110,9 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
     return target
 
 
-def verify_export(model, path, images=None, atol=1e-4):
-    """Reload the SavedModel at `path` and check it matches `model`; ValueError if not."""
+def verify_export(model, path, images=None, atol=1e-4, name=None):
+    """Reload the SavedModel at `path` and check it matches `model`; ValueError (naming it
+    `name`, by default its path) if not."""
     import tensorflow as tf
 
     size = model.input_shape[1]
@@ -122,8 +123,8 @@ def verify_export(model, path, images=None, atol=1e-4):
     served = loaded.signatures[SIGNATURE](**{IMAGES_INPUT: tf.constant(images, tf.float32)})
     got = served["probabilities"].numpy()
     if got.shape != expected.shape or not np.allclose(got, expected, atol=atol):
-        raise ValueError(f"The export at {path} does not reproduce the model: largest difference "
-                         f"{np.max(np.abs(got - expected)):.2e} (tolerance {atol}).")
+        raise ValueError(f"The export {name or path} does not reproduce the model: largest "
+                         f"difference {np.max(np.abs(got - expected)):.2e} (tolerance {atol}).")
     return float(np.max(np.abs(got - expected)))
 
 

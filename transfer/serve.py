@@ -14,14 +14,17 @@ import base64
 import binascii
 import errno
 import gc
+import io
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 from aiohttp import web
 
 from transfer.export import SIGNATURE, versions
+from transfer.images import MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +126,12 @@ class Batcher:
         try:
             outputs = await loop.run_in_executor(
                 None, self.run, np.concatenate([batch for batch, _ in items]))
-        except RequestError as error:
+        except Exception as error:  # noqa: BLE001 - any failure must reach its own request
             if len(items) == 1:
                 items[0][1].set_exception(error)
                 return
             for item in items:  # one bad request must not fail the others batched with it
                 await self._run([item])
-            return
-        except Exception as error:  # noqa: BLE001 - any failure must reach its request
-            for _, future in items:
-                future.set_exception(error)
             return
         start = 0
         for batch, future in items:
@@ -249,7 +248,28 @@ class ModelServer:
         if len(data) > self.max_image_bytes:
             raise RequestError(413, f"{input_name}: an image of {len(data):,} bytes exceeds the "
                                     f"limit of {self.max_image_bytes:,} (--max-image-mb)")
+        pixels = _declared_pixels(data)  # a few KB can declare gigabytes of pixels
+        if pixels > MAX_IMAGE_PIXELS:
+            raise RequestError(413, f"{input_name}: an image of {pixels:,} pixels exceeds the "
+                                    f"limit of {MAX_IMAGE_PIXELS:,}")
         return data
+
+
+def _declared_pixels(data):
+    """Width x height from an encoded image's header, or 0 when Pillow cannot read one (the
+    model's decoder then says what is wrong)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except Image.DecompressionBombError:
+            return MAX_IMAGE_PIXELS + 1
+        except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return 0
+    return width * height
 
 
 def _op_error_reason(message):
@@ -294,6 +314,9 @@ def build_app(server, max_body_bytes=32 * 2**20):
                 message = (f"Request body exceeds the limit of {max_body_bytes:,} bytes "
                            "(--max-body-mb)")
             return web.json_response({"error": message}, status=error.status)
+        except Exception as error:  # noqa: BLE001 - a client gets JSON, whatever went wrong
+            log.exception("Request %s failed", request.path)
+            return web.json_response({"error": f"{type(error).__name__}: {error}"}, status=500)
 
     routes = web.RouteTableDef()
     model = "/v1/models/{name:[^/:]+}"

@@ -72,7 +72,8 @@ def train(cfg, verbose="auto"):
     run_dir = new_run_dir(Path(cfg.runs_dir) / data_name, cfg.backbone)
     log.info("Run directory: %s", run_dir)
     write_json(run_dir / "config.json", cfg.to_dict() | {"image_size": image_size,
-                                                         "data_dir": str(data_dir)})
+                                                         "data_dir": str(data_dir),
+                                                         "data_name": data_name})
     write_json(run_dir / "classes.json", classes)
     write_json(run_dir / "versions.json", library_versions())
     write_csv(run_dir / "bad_files.csv", ("path", "reason"),
@@ -205,7 +206,7 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, ji
                      if data.DECODE_FAILURE in line), None)
         if line is None:
             raise
-        raise ValueError(f"{line.strip().removeprefix('ValueError: ')} Restore it and continue "
+        raise ValueError(f"{line.split('ValueError: ', 1)[-1].strip()} Restore it and continue "
                          f"with: python -m transfer train --resume {run_dir}; or remove it and "
                          "train again.") from None
 
