@@ -116,13 +116,17 @@ def test_train_writes_a_complete_run_directory(tiny_config, tmp_path):
     assert model.get_layer("preprocess_caffe") is not None
 
 
-def test_no_validation_folder_makes_a_saved_disjoint_split(tiny_config, dataset):
+def test_no_validation_folder_makes_a_saved_disjoint_split(tiny_config, dataset, monkeypatch):
+    import os
     import shutil
 
     shutil.rmtree(dataset / "validation")
-    run_dir = train(tiny_config(fine_tune_epochs=0, epochs=1, validation_split=0.25), verbose=0)
+    monkeypatch.chdir(dataset.parent)  # the data set given as a relative path
+    run_dir = train(tiny_config(data=dataset.name, fine_tune_epochs=0, epochs=1,
+                                validation_split=0.25), verbose=0)
     with open(run_dir / "split.csv") as handle:
         rows = list(csv.DictReader(handle))
+    assert all(os.path.isabs(row["path"]) for row in rows)  # resumable from any folder
     train_paths = {r["path"] for r in rows if r["split"] == "train"}
     val_paths = {r["path"] for r in rows if r["split"] == "validation"}
     assert len(val_paths) == 4 and len(train_paths) == 12 and not train_paths & val_paths

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import time
@@ -72,7 +73,7 @@ def train(cfg, verbose="auto"):
     run_dir = new_run_dir(Path(cfg.runs_dir) / data_name, cfg.backbone)
     log.info("Run directory: %s", run_dir)
     write_json(run_dir / "config.json", cfg.to_dict() | {"image_size": image_size,
-                                                         "data_dir": str(data_dir),
+                                                         "data_dir": os.path.abspath(data_dir),
                                                          "data_name": data_name})
     write_json(run_dir / "classes.json", classes)
     write_json(run_dir / "versions.json", library_versions())
@@ -155,7 +156,8 @@ def _build(cfg, spec, num_classes, image_size):
 def _split(report, classes):
     from transfer.data import Split
 
-    pairs = [(str(path), label) for label, cls in enumerate(classes) for path in report.good[cls]]
+    pairs = [(os.path.abspath(path), label)  # the run can then be resumed from any folder
+             for label, cls in enumerate(classes) for path in report.good[cls]]
     return Split(tuple(p for p, _ in pairs), tuple(l for _, l in pairs))
 
 
