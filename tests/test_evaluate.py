@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_SIZE
+from transfer.backbones import BACKBONES
 from transfer.cli import main
 from transfer.evaluate import gradcam
 from transfer.images import load_image
@@ -86,6 +87,20 @@ def test_evaluate_command_on_a_folder_sets_bad_files_aside(trained_run, tmp_path
     assert "not a trained Keras model" in capsys.readouterr().err
 
 
+def test_averages_leave_out_a_class_the_folder_lacks(trained_run, tmp_path):
+    run_dir, dataset = trained_run
+    folder = tmp_path / "only_vertical"
+    shutil.copytree(dataset / "validation" / "vertical", folder / "vertical")
+    assert main(["evaluate", "--model", str(run_dir), str(folder), "--output",
+                 str(tmp_path / "report")]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["per_class"]["horizontal"]["support"] == 0
+    scored = [m["f1-score"] for m in metrics["per_class"].values() if m["f1-score"] is not None]
+    assert metrics["macro_avg"]["f1-score"] == pytest.approx(np.mean(scored))
+    if metrics["per_class"]["horizontal"]["precision"] is None:  # never predicted either
+        assert scored == [metrics["per_class"]["vertical"]["f1-score"]]
+
+
 def test_report_renders_in_headless_chromium(trained_run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -141,3 +156,34 @@ def test_the_report_after_training_lists_the_files_set_aside(dataset, tiny_confi
     run_dir = train(tiny_config(epochs=1, fine_tune_epochs=0, evaluate=True), verbose=0)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [Path(path).name for path, _ in metrics["set_aside"]] == ["broken.jpg"]
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_backbone_gets_its_filters_and_feature_maps(name, tmp_path):
+    import keras
+
+    from transfer.evaluate import plot_feature_maps, plot_filters
+    from transfer.model import build_classifier
+
+    spec = BACKBONES[name]
+    model = build_classifier(spec, 2, spec.min_size, weights="none")
+    assert plot_filters(model, tmp_path / "filters.png") == tmp_path / "filters.png"
+    image = np.random.default_rng(0).uniform(0, 255, (spec.min_size, spec.min_size, 3))
+    plot_feature_maps(model, None, image.astype("float32"), tmp_path / "maps.png")
+    for figure in ("filters.png", "maps.png"):
+        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+    keras.backend.clear_session()
+
+
+def test_the_confusion_matrix_stays_a_readable_size_with_many_classes(tmp_path):
+    from PIL import Image
+
+    from transfer.evaluate import plot_confusion_matrix
+
+    rng = np.random.default_rng(0)
+    for count in (3, 300):
+        matrix = rng.integers(0, 20, (count, count))
+        path = plot_confusion_matrix(matrix, [f"class {i}" for i in range(count)],
+                                     tmp_path / f"{count}.png")
+        width, height = Image.open(path).size
+        assert width <= 4200 and height <= 2200, (count, width, height)

@@ -280,7 +280,7 @@ def cmd_export(args):
 
         calibration, _ = _split_images(run_dir, "train", size, args.calibration_images)
         extra = target / "assets.extra"
-        (extra / "labels.txt").write_text("\n".join(classes) + "\n")
+        (extra / "labels.txt").write_text("\n".join(classes) + "\n", encoding="utf-8")
         written = conversions.convert(model, formats, extra, calibration)
         reports = conversions.evaluate({"savedmodel": target, **written}, check_images,
                                        check_labels)
@@ -354,7 +354,7 @@ def cmd_predict(args):
         explain(predictor, rows, args.explain)
     fmt = "json" if args.output and args.output.endswith(".json") else "csv"
     if args.output:
-        with open(args.output, "w", newline="") as handle:
+        with open(args.output, "w", newline="", encoding="utf-8") as handle:
             write_rows(rows, handle, fmt)
     else:
         write_rows(rows, sys.stdout, fmt)

@@ -115,7 +115,7 @@ def load_file(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist; expected a .yaml or .json file.")
-    text, suffix = path.read_text(), path.suffix.lower()
+    text, suffix = path.read_text(encoding="utf-8"), path.suffix.lower()
     if suffix in (".yaml", ".yml"):
         import yaml
 

@@ -75,10 +75,14 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
     probabilities = np.concatenate([model.predict_on_batch(images[i:i + 32].astype("float32"))
                                     for i in range(0, len(images), 32)])
     predicted = probabilities.argmax(axis=1)
-    indices = list(range(len(classes)))
-    report = classification_report(labels, predicted, labels=indices, target_names=classes,
-                                   output_dict=True, zero_division=0)
-    matrix = confusion_matrix(labels, predicted, labels=indices)
+    # Averages over the classes that occur (as true or predicted): one missing from the folder
+    # evaluated has no precision or recall, rather than a 0 that pulls the average down.
+    present = sorted(set(labels.tolist()) | set(predicted.tolist()))
+    report = classification_report(labels, predicted, labels=present,
+                                   target_names=[classes[i] for i in present], output_dict=True,
+                                   zero_division=0)
+    absent = {"precision": None, "recall": None, "f1-score": None, "support": 0}
+    matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
     auc = (float(roc_auc_score(labels, probabilities[:, 1]))
            if len(classes) == 2 and len(set(labels.tolist())) == 2 else None)
     confidence = probabilities[np.arange(len(paths)), predicted]
@@ -90,7 +94,7 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
         "images": len(paths), "accuracy": float(report["accuracy"]), "roc_auc": auc,
         "classes": classes,
         "per_class": {name: {key: float(value) for key, value in report[name].items()}
-                      for name in classes},
+                      if name in report else absent for name in classes},
         "macro_avg": {key: float(value) for key, value in report["macro avg"].items()},
         "confusion_matrix": matrix.tolist(),
         "most_confidently_wrong": [
@@ -120,7 +124,9 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
         [f"{'right' if labels[i] == predicted[i] else 'WRONG'}: {classes[predicted[i]]} "
          f"{confidence[i]:.2f}\ntrue {classes[labels[i]]}" for i in samples],
         output / "gradcam.png")
-    figures["filters"] = plot_filters(model, output / "filters.png")
+    filters = plot_filters(model, output / "filters.png")
+    if filters is not None:
+        figures["filters"] = filters
     before = _original_backbone(model, run_dir)
     example = images[right[0] if len(right) else 0].astype("float32")
     figures["feature_maps"] = plot_feature_maps(model, before, example,
@@ -154,7 +160,8 @@ def gradcam(model, images, class_indices, layer=None):
     dense = model.get_layer("probabilities")
     with tf.GradientTape() as tape:
         tape.watch(features)
-        logits = tf.matmul(pooled(features), dense.kernel) + dense.bias
+        # the dense layer's own dtype: pooled features are float16 under mixed precision
+        logits = tf.matmul(tf.cast(pooled(features), dense.kernel.dtype), dense.kernel) + dense.bias
         scores = tf.gather(logits, np.asarray(class_indices), axis=1, batch_dims=1)
     gradients = tape.gradient(scores, features)
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
@@ -221,20 +228,25 @@ def plot_learning_curves(history, path):
 
 
 def plot_confusion_matrix(matrix, classes, path):
-    """Counts and row-normalised rates side by side, each cell annotated."""
+    """Counts and row-normalised rates side by side; each cell annotated up to 30 classes,
+    class names up to 100, and the figure never larger than 20 inches a side."""
     plt = _pyplot()
     rows = matrix.sum(axis=1, keepdims=True)
     rates = matrix / np.where(rows > 0, rows, 1)
-    side = max(4, 0.6 * len(classes) + 2)
+    count = len(classes)
+    side = min(max(4, 0.6 * count + 2), 20)
     figure, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
     for axis, values, title, fmt in ((axes[0], matrix, "counts", "d"),
                                      (axes[1], rates, "row-normalised (recall)", ".2f")):
         axis.imshow(values, cmap="Blues", vmin=0, vmax=values.max() or 1)
-        for (i, j), value in np.ndenumerate(values):
-            axis.text(j, i, format(value, fmt), ha="center", va="center",
-                      color="white" if value > 0.6 * (values.max() or 1) else "black")
-        axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-        axis.set_yticks(range(len(classes)), classes)
+        if count <= 30:
+            for (i, j), value in np.ndenumerate(values):
+                axis.text(j, i, format(value, fmt), ha="center", va="center",
+                          color="white" if value > 0.6 * (values.max() or 1) else "black")
+        if count <= 100:
+            size = 10 if count <= 30 else 5
+            axis.set_xticks(range(count), classes, rotation=45, ha="right", fontsize=size)
+            axis.set_yticks(range(count), classes, fontsize=size)
         axis.set_xlabel("predicted")
         axis.set_ylabel("true")
         axis.set_title(title)
@@ -256,12 +268,23 @@ def plot_gallery(images, titles, path, columns=6):
     return _save(figure, path)
 
 
+def _all_layers(model):
+    """The model's layers in order, those of nested models (ConvNeXt's stem) included."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
 def plot_filters(model, path):
-    """The first convolution's filters, each scaled to 0-1, as an RGB grid."""
+    """The first convolution's filters, each scaled to 0-1, as an RGB grid (None when the
+    backbone has no convolution on its RGB input)."""
     from transfer.model import backbone_of
 
-    first = next(layer for layer in backbone_of(model).layers
-                 if isinstance(layer, keras.layers.Conv2D) and layer.kernel.shape[2] == 3)
+    first = next((layer for layer in _all_layers(backbone_of(model))
+                  if isinstance(layer, keras.layers.Conv2D) and layer.kernel.shape[2] == 3), None)
+    if first is None:  # no convolution on the RGB input itself
+        return None
     kernel = np.asarray(first.kernel)  # [h, w, 3, filters]
     count = kernel.shape[-1]
     columns = min(16, count)
@@ -302,7 +325,8 @@ def plot_feature_maps(model, before, image, path, channels=8):
 
     backbone = backbone_of(model)
     convolutions = [layer.name for layer in backbone.layers
-                    if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
+                    if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
+                                          keras.layers.SeparableConv2D))]
     depths = [convolutions[0], convolutions[len(convolutions) // 2], convolutions[-1]]
     after = image_model(model, [backbone.get_layer(n).output for n in depths])(image[None])
     stages = [("after training", [np.asarray(a)[0] for a in after])]
@@ -332,9 +356,12 @@ def plot_feature_maps(model, before, image, path, channels=8):
 def write_report(metrics, figures, path, before_note=None):
     """report.html: the numbers of metrics.json and the figures (files beside it)."""
     e = html.escape
+    def number(value):
+        return "&ndash;" if value is None else f"{value:.3f}"  # a class with no images here
+
     rows = "".join(
-        f"<tr><td>{e(name)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
-        f"<td>{m['f1-score']:.3f}</td><td>{int(m['support'])}</td></tr>"
+        f"<tr><td>{e(name)}</td><td>{number(m['precision'])}</td><td>{number(m['recall'])}</td>"
+        f"<td>{number(m['f1-score'])}</td><td>{int(m['support'])}</td></tr>"
         for name, m in metrics["per_class"].items())
     macro = metrics["macro_avg"]
     sections = {

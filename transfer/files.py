@@ -29,7 +29,7 @@ def cache_home():
 
 def write_atomic(path, text):
     with atomic_path(path) as temporary:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8")
 
 
 def write_json(path, value):

@@ -99,7 +99,7 @@ def check_classes(predictor, expected):
     """ValueError unless `expected` (names, or a file of them) are the model's classes."""
     path = Path(expected)
     if path.is_file():
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         names = (json.loads(text) if path.suffix == ".json"
                  else [line.strip() for line in text.splitlines() if line.strip()])
     else:

@@ -120,7 +120,7 @@ def read_split(run_dir):
     from transfer.data import Split
 
     classes = json.loads((Path(run_dir) / "classes.json").read_text())
-    with open(Path(run_dir) / "split.csv", newline="") as handle:
+    with open(Path(run_dir) / "split.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     return classes, {name: Split(tuple(r["path"] for r in rows if r["split"] == name),
                                  tuple(classes.index(r["label"]) for r in rows
@@ -233,7 +233,7 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, ji
              summary["seconds"], best["val_accuracy"], best["val_loss"], best["phase"],
              best["epoch"], run_dir / "model.keras")
     if cfg.evaluate:
-        with open(run_dir / "bad_files.csv", newline="") as handle:
+        with open(run_dir / "bad_files.csv", newline="", encoding="utf-8") as handle:
             set_aside = [(row["path"], row["reason"]) for row in csv.DictReader(handle)]
         evaluate(model, classes, val_split.paths, val_split.labels, run_dir, run_dir=run_dir,
                  set_aside=set_aside)
