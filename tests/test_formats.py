@@ -150,3 +150,16 @@ def test_bias_correction_through_batchnorm_on_real_mobilenet(real_weights):
     images = np.random.default_rng(0).uniform(0, 255, (8, 224, 224, 3)).astype("float32")
     uncorrected, corrected = _mean_shift(model, images, "conv_pw_13_relu")  # the last layer
     assert corrected < 0.5 * uncorrected, (uncorrected, corrected)
+
+
+def test_a_quantized_format_must_also_keep_the_probabilities():
+    from transfer.formats import FormatReport
+
+    def int8(agreement, mean_difference):
+        return FormatReport("tflite_int8", "model_int8.tflite", 0.3, 0.95, agreement, 0.3,
+                            mean_difference, 0.6)
+
+    assert int8(0.994, 0.011).ok()  # as measured on mobilenet_025 and cats_dogs
+    assert not int8(0.985, 0.011).ok()
+    stuck = int8(0.992, 0.4)  # one class everywhere, on data that is nearly all that class
+    assert not stuck.ok() and "0.400 on average (allowed: 0.05)" in stuck.describe_failure()
