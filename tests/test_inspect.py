@@ -1,5 +1,6 @@
 """transfer inspect: layer sizes from the formula agree with Keras; VGG16's published totals."""
 
+import keras
 import pytest
 
 from transfer.cli import main
@@ -18,14 +19,30 @@ def test_vgg16_matches_the_published_figures():
     assert (by_name["block5_pool"].receptive_field, by_name["block5_pool"].stride) == (212, 32)
 
 
+def _layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+
+
+def test_convnext_counts_its_nested_blocks_and_per_pixel_dense_layers():
+    rows, backbone = inspect_backbone("convnext_tiny")
+    multiply_adds = sum(row.multiply_adds for row in rows)
+    assert multiply_adds == pytest.approx(4.5e9, rel=0.02)  # the paper's "4.5G FLOPs"
+    assert rows[-1].stride == 32  # the stem's 4 and three downsamplings' 2, inside Sequentials
+    assert sum(row.params for row in rows) == pytest.approx(backbone.count_params(), rel=0.01)
+
+
 @pytest.mark.parametrize("name, size", [("vgg16", 224), ("resnet50", 64), ("mobilenetv2", 96),
                                         ("xception", 71), ("efficientnetv2b0", 64),
-                                        ("mobilenet_025", 40)])
+                                        ("mobilenet_025", 40), ("convnext_tiny", 64)])
 def test_output_sizes_from_the_formula_match_keras(name, size):
     rows, backbone = inspect_backbone(name, size)
     assert rows
+    layers = {layer.name: layer for layer in _layers(backbone)}
     for row in rows:
-        assert row.output == tuple(backbone.get_layer(row.name).output.shape[1:]), row.name
+        assert row.output == tuple(layers[row.name].output.shape[1:]), row.name
     assert any(row.kind in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D") for row in rows)
 
 

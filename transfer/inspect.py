@@ -39,29 +39,46 @@ class Spatial:
 
 
 def inspect_backbone(name, image_size=None):
-    """(rows for every convolution and pooling layer, the backbone), for the named backbone."""
+    """(rows for every convolution, pooling and per-pixel Dense layer, the backbone), for the
+    named backbone."""
     spec = get_spec(name)
     backbone = spec.build(image_size or spec.default_size, weights=None)
     return table(backbone), backbone
 
 
 def table(model):
-    """Rows for the convolution and pooling layers of a functional model, in order."""
+    """Rows for the convolution, pooling and per-pixel Dense layers of a functional model, in
+    order, those of nested Sequential blocks (ConvNeXt's stem and downsampling) included.
+
+    It walks the model's operations, not only its layers: a residual `x + y` is an operation
+    that is no layer, and the layers after it must still find their input.
+    """
     spatial = {}
     rows = []
-    for layer in model.layers:
-        inputs = [spatial[id(t)] for t in keras.tree.flatten(layer.input) if id(t) in spatial]
+    for operation in model.operations:
+        inputs = [spatial[id(t)] for t in keras.tree.flatten(operation.input)
+                  if id(t) in spatial]
         if not inputs:  # the input layer
-            _, height, width, _ = layer.output.shape
-            spatial[id(layer.output)] = Spatial(height, width, 1, 1)
+            _, height, width, _ = operation.output.shape
+            spatial[id(operation.output)] = Spatial(height, width, 1, 1)
             continue
-        before = _merge(inputs)
-        after, row = _step(layer, before)
-        for tensor in keras.tree.flatten(layer.output):
+        after, new_rows = _apply(operation, _merge(inputs))
+        for tensor in keras.tree.flatten(operation.output):
             spatial[id(tensor)] = after
-        if row is not None:
-            rows.append(row)
+        rows += new_rows
     return rows
+
+
+def _apply(operation, before):
+    """(spatial state after the operation, its rows), stepping through a Sequential block."""
+    if isinstance(operation, keras.Sequential):
+        rows = []
+        for layer in operation.layers:
+            before, new_rows = _apply(layer, before)
+            rows += new_rows
+        return before, rows
+    after, row = _step(operation, before)
+    return after, [] if row is None else [row]
 
 
 def _merge(inputs):
@@ -82,6 +99,12 @@ def _step(layer, before):
         output = (1, 1, channels) if layer.keepdims else (channels,)
         return Spatial(1, 1, None, before.stride), Row(
             layer.name, type(layer).__name__, output, 0, None, before.stride, flops)
+    if isinstance(layer, keras.layers.Dense) and len(layer.input.shape) == 4:
+        # applied to every pixel: a 1x1 convolution (ConvNeXt's pointwise layers)
+        multiply_adds = before.height * before.width * layer.input.shape[-1] * channels
+        return before, Row(layer.name, "Dense", (before.height, before.width, channels),
+                           layer.count_params(), before.receptive_field, before.stride,
+                           2 * multiply_adds, multiply_adds)
     convolution = isinstance(layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D |
                              keras.layers.SeparableConv2D)
     if not (convolution or isinstance(layer, POOLING)):
