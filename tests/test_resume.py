@@ -86,3 +86,10 @@ def test_resume_refuses_finished_runs_and_other_options(tiny_config, capsys):
         resume(run_dir)
     assert main(["train", "--resume", str(run_dir), "--epochs", "3"]) == 2
     assert "drop --epochs" in capsys.readouterr().err
+    settings = run_dir.parent / "settings.yaml"  # `make train CONFIG=settings.yaml RESUME=1`
+    settings.write_text(f"data: {run_dir.parent.name}\nruns_dir: {run_dir.parents[1]}\n"
+                        "epochs: 9\n")
+    assert main(["train", "--config", str(settings), "--resume"]) == 2
+    assert f"No unfinished run under {run_dir.parent}" in capsys.readouterr().err
+    assert main(["train", "--config", str(settings), "--resume", str(run_dir)]) == 2
+    assert "drop --config" in capsys.readouterr().err

@@ -173,17 +173,21 @@ def cmd_train(args):
                  if key in config.field_names() and value is not None}
     verbose = 1 if sys.stdout.isatty() else 2
     if args.resume:
-        given = sorted(set(overrides) - {"data", "runs_dir"}) + (["config"] if args.config else [])
+        # The run keeps its own settings; --data, --runs-dir and a config file's data and
+        # runs_dir only say where to look for the newest unfinished run.
+        given = (sorted(set(overrides) - {"data", "runs_dir"})
+                 + (["config"] if args.config and args.resume != "latest" else []))
         if given:
             raise ValueError(f"--resume continues a run with its own settings; drop "
                              f"{', '.join('--' + key.replace('_', '-') for key in given)}.")
-        from transfer.train import latest_run, resume
-
         from transfer.data import dataset_name
+        from transfer.train import latest_run, resume
 
         run_dir = args.resume
         if run_dir == "latest":
-            cfg = config.resolve(None, overrides)
+            settings = config.load_file(args.config) if args.config else {}
+            where = {key: settings[key] for key in ("data", "runs_dir") if key in settings}
+            cfg = config.resolve(None, where | overrides)
             run_dir = latest_run(Path(cfg.runs_dir) / dataset_name(cfg.data), finished=False)
         resume(run_dir, verbose)
         return
