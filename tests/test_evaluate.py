@@ -87,18 +87,17 @@ def test_evaluate_command_on_a_folder_sets_bad_files_aside(trained_run, tmp_path
     assert "not a trained Keras model" in capsys.readouterr().err
 
 
-def test_averages_leave_out_a_class_the_folder_lacks(trained_run, tmp_path):
-    run_dir, dataset = trained_run
-    folder = tmp_path / "only_vertical"
-    shutil.copytree(dataset / "validation" / "vertical", folder / "vertical")
-    assert main(["evaluate", "--model", str(run_dir), str(folder), "--output",
-                 str(tmp_path / "report")]) == 0
-    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert metrics["per_class"]["horizontal"]["support"] == 0
-    scored = [m["f1-score"] for m in metrics["per_class"].values() if m["f1-score"] is not None]
-    assert metrics["macro_avg"]["f1-score"] == pytest.approx(np.mean(scored))
-    if metrics["per_class"]["horizontal"]["precision"] is None:  # never predicted either
-        assert scored == [metrics["per_class"]["vertical"]["f1-score"]]
+def test_averages_leave_out_a_class_the_images_lack_and_the_model_never_predicts():
+    from transfer.evaluate import class_scores
+
+    per_class, macro = class_scores([1, 1, 1, 2], [1, 1, 2, 2], ["cat", "dog", "fox"])
+    assert per_class["cat"] == {"precision": None, "recall": None, "f1-score": None,
+                                "support": 0}
+    assert per_class["dog"]["recall"] == pytest.approx(2 / 3) and per_class["fox"]["support"] == 1
+    assert macro["f1-score"] == pytest.approx((per_class["dog"]["f1-score"]
+                                               + per_class["fox"]["f1-score"]) / 2)
+    per_class, macro = class_scores([1, 1], [0, 1], ["cat", "dog"])  # predicted: it counts
+    assert per_class["cat"]["precision"] == 0 and macro["precision"] == pytest.approx(0.5)
 
 
 def test_report_renders_in_headless_chromium(trained_run, tmp_path):

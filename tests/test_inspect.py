@@ -1,9 +1,9 @@
 """transfer inspect: layer sizes from the formula agree with Keras; VGG16's published totals."""
 
-import keras
 import pytest
 
 from transfer.cli import main
+from transfer.model import all_layers
 from transfer.inspect import inspect_backbone
 
 
@@ -17,13 +17,6 @@ def test_vgg16_matches_the_published_figures():
     # Receptive fields and strides as in the literature: conv5_3 sees 196 pixels, pool5 212.
     assert (by_name["block5_conv3"].receptive_field, by_name["block5_conv3"].stride) == (196, 16)
     assert (by_name["block5_pool"].receptive_field, by_name["block5_pool"].stride) == (212, 32)
-
-
-def _layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _layers(layer)
 
 
 def test_convnext_counts_its_nested_blocks_and_per_pixel_dense_layers():
@@ -40,7 +33,7 @@ def test_convnext_counts_its_nested_blocks_and_per_pixel_dense_layers():
 def test_output_sizes_from_the_formula_match_keras(name, size):
     rows, backbone = inspect_backbone(name, size)
     assert rows
-    layers = {layer.name: layer for layer in _layers(backbone)}
+    layers = {layer.name: layer for layer in all_layers(backbone)}
     for row in rows:
         assert row.output == tuple(layers[row.name].output.shape[1:]), row.name
     assert any(row.kind in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D") for row in rows)

@@ -169,6 +169,10 @@ def _checked(name, split_dir, listings, cache_file, require_all):
     skipped = [p for listing in listings.values() for p in listing.skipped]
     if require_all:
         for cls, paths in good.items():
+            if not paths and not listings[cls].images:  # its files are links used elsewhere
+                raise ValueError(f"Class {cls!r} in {split_dir} has no images of its own: its "
+                                 "files are links to images another class or split uses. Copy "
+                                 "them in, or remove the folder.")
             if not paths:
                 raise ValueError(f"Class {cls!r} in {split_dir} has no readable images: all "
                                  f"{len(listings[cls].images)} failed to decode. See "

@@ -88,8 +88,9 @@ def build_parser():
                        help="size limit of the feature caches in $TRANSFER_CACHE_HOME; the "
                             "least recently used are removed first (default: 8192)")
     train.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
-                       help="continue an interrupted run (default: the newest unfinished run "
-                            "of --data) with its own config and split")
+                       help="continue an interrupted run with its own config and split "
+                            "(default: the newest unfinished run of --data, or of the --config "
+                            "file's data)")
 
     check = commands.add_parser("check", help="check every image of a data set, without training")
     check.set_defaults(command=cmd_check)
@@ -112,8 +113,8 @@ def build_parser():
                                            "(default: the run directory)")
 
     inspect = commands.add_parser(
-        "inspect", help="a backbone's convolution and pooling layers: output size, parameters, "
-                        "receptive field, stride and FLOPs")
+        "inspect", help="a backbone's convolution, pooling and per-pixel Dense layers: output "
+                        "size, parameters, receptive field, stride and FLOPs")
     inspect.set_defaults(command=cmd_inspect)
     inspect.add_argument("backbone", help="backbone name; see `python -m transfer backbones`")
     inspect.add_argument("--image-size", type=int, help="input size (default: the backbone's)")
@@ -256,11 +257,11 @@ def _require_positive(args, *keys):
 
 def cmd_export(args):
     _require_positive(args, "eval_images", "calibration_images")
+    from transfer.data import dataset_name
     from transfer.export import export_savedmodel
+    from transfer.files import write_atomic
     from transfer.model import load_model
     from transfer.train import latest_run
-
-    from transfer.data import dataset_name
 
     run_dir = (Path(args.run) if args.run
                else latest_run(Path(args.runs_dir) / dataset_name(args.data)))
@@ -270,7 +271,7 @@ def cmd_export(args):
                                 "`python -m transfer train`.")
     run_config = json.loads((run_dir / "config.json").read_text())
     classes = json.loads((run_dir / "classes.json").read_text())
-    name = args.name or run_config.get("data_name") or dataset_name(run_config["data_dir"])
+    name = args.name or run_config.get("data_name") or Path(run_config["data_dir"]).name
     model = load_model(model_file)
     size = model.input_shape[1]
     formats = [f for f in args.format if f != "savedmodel"]
@@ -284,7 +285,7 @@ def cmd_export(args):
 
         calibration, _ = _split_images(run_dir, "train", size, args.calibration_images)
         extra = target / "assets.extra"
-        (extra / "labels.txt").write_text("\n".join(classes) + "\n", encoding="utf-8")
+        write_atomic(extra / "labels.txt", "\n".join(classes) + "\n")
         written = conversions.convert(model, formats, extra, calibration)
         reports = conversions.evaluate({"savedmodel": target, **written}, check_images,
                                        check_labels)

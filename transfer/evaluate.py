@@ -60,7 +60,7 @@ def evaluate_folder(model_path, folder, output=None):
 
 def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
     """Write metrics.json, report.html and its PNGs into output; returns output."""
-    from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
+    from sklearn.metrics import confusion_matrix, roc_auc_score
 
     from transfer.images import load_image
 
@@ -75,13 +75,7 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
     probabilities = np.concatenate([model.predict_on_batch(images[i:i + 32].astype("float32"))
                                     for i in range(0, len(images), 32)])
     predicted = probabilities.argmax(axis=1)
-    # Averages over the classes that occur (as true or predicted): one missing from the folder
-    # evaluated has no precision or recall, rather than a 0 that pulls the average down.
-    present = sorted(set(labels.tolist()) | set(predicted.tolist()))
-    report = classification_report(labels, predicted, labels=present,
-                                   target_names=[classes[i] for i in present], output_dict=True,
-                                   zero_division=0)
-    absent = {"precision": None, "recall": None, "f1-score": None, "support": 0}
+    per_class, macro = class_scores(labels, predicted, classes)
     matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
     auc = (float(roc_auc_score(labels, probabilities[:, 1]))
            if len(classes) == 2 and len(set(labels.tolist())) == 2 else None)
@@ -91,11 +85,8 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
     right = np.flatnonzero(predicted == labels)
     right = right[np.argsort(-confidence[right])]
     metrics = {
-        "images": len(paths), "accuracy": float(report["accuracy"]), "roc_auc": auc,
-        "classes": classes,
-        "per_class": {name: {key: float(value) for key, value in report[name].items()}
-                      if name in report else absent for name in classes},
-        "macro_avg": {key: float(value) for key, value in report["macro avg"].items()},
+        "images": len(paths), "accuracy": float((predicted == labels).mean()), "roc_auc": auc,
+        "classes": classes, "per_class": per_class, "macro_avg": macro,
         "confusion_matrix": matrix.tolist(),
         "most_confidently_wrong": [
             {"path": paths[i], "true": classes[labels[i]], "predicted": classes[predicted[i]],
@@ -139,6 +130,25 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
              metrics["accuracy"], f", ROC AUC {auc:.4f}" if auc is not None else "",
              output / "report.html")
     return output
+
+
+def class_scores(labels, predicted, classes):
+    """({class: precision, recall, f1-score, support}, their macro average) by scikit-learn.
+
+    The average is over the classes that occur, as true or predicted labels: a class the
+    images evaluated lack, and that the model never predicts, has None for its scores rather
+    than a 0 that pulls the average down.
+    """
+    from sklearn.metrics import classification_report
+
+    present = sorted(set(np.asarray(labels).tolist()) | set(np.asarray(predicted).tolist()))
+    report = classification_report(labels, predicted, labels=present,
+                                   target_names=[classes[i] for i in present], output_dict=True,
+                                   zero_division=0)
+    absent = {"precision": None, "recall": None, "f1-score": None, "support": 0}
+    per_class = {name: {key: float(value) for key, value in report[name].items()}
+                 if name in report else absent for name in classes}
+    return per_class, {key: float(value) for key, value in report["macro avg"].items()}
 
 
 def gradcam(model, images, class_indices, layer=None):
@@ -268,20 +278,12 @@ def plot_gallery(images, titles, path, columns=6):
     return _save(figure, path)
 
 
-def _all_layers(model):
-    """The model's layers in order, those of nested models (ConvNeXt's stem) included."""
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
-
-
 def plot_filters(model, path):
     """The first convolution's filters, each scaled to 0-1, as an RGB grid (None when the
     backbone has no convolution on its RGB input)."""
-    from transfer.model import backbone_of
+    from transfer.model import all_layers, backbone_of
 
-    first = next((layer for layer in _all_layers(backbone_of(model))
+    first = next((layer for layer in all_layers(backbone_of(model))
                   if isinstance(layer, keras.layers.Conv2D) and layer.kernel.shape[2] == 3), None)
     if first is None:  # no convolution on the RGB input itself
         return None

@@ -80,3 +80,11 @@ def load_model(path):
     import transfer.layers  # noqa: F401  (registers CaffePreprocessing for deserialization)
 
     return keras.saving.load_model(path, safe_mode=True)
+
+
+def all_layers(model):
+    """The model's layers in order, those of nested models (ConvNeXt's stem) included."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)

@@ -249,15 +249,16 @@ class ModelServer:
             raise RequestError(413, f"{input_name}: an image of {len(data):,} bytes exceeds the "
                                     f"limit of {self.max_image_bytes:,} (--max-image-mb)")
         pixels = _declared_pixels(data)  # a few KB can declare gigabytes of pixels
-        if pixels > MAX_IMAGE_PIXELS:
-            raise RequestError(413, f"{input_name}: an image of {pixels:,} pixels exceeds the "
-                                    f"limit of {MAX_IMAGE_PIXELS:,}")
+        if pixels is None or pixels > MAX_IMAGE_PIXELS:
+            size = "more than Pillow's limit of" if pixels is None else f"{pixels:,}"
+            raise RequestError(413, f"{input_name}: an image declaring {size} pixels exceeds "
+                                    f"the limit of {MAX_IMAGE_PIXELS:,}")
         return data
 
 
 def _declared_pixels(data):
-    """Width x height from an encoded image's header, or 0 when Pillow cannot read one (the
-    model's decoder then says what is wrong)."""
+    """Width x height from an encoded image's header; 0 when Pillow cannot read one (the
+    model's decoder then says what is wrong), None when Pillow refuses it as too large."""
     from PIL import Image
 
     with warnings.catch_warnings():
@@ -266,7 +267,7 @@ def _declared_pixels(data):
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
         except Image.DecompressionBombError:
-            return MAX_IMAGE_PIXELS + 1
+            return None
         except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
             return 0
     return width * height

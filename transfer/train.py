@@ -72,9 +72,11 @@ def train(cfg, verbose="auto"):
 
     run_dir = new_run_dir(Path(cfg.runs_dir) / data_name, cfg.backbone)
     log.info("Run directory: %s", run_dir)
-    write_json(run_dir / "config.json", cfg.to_dict() | {"image_size": image_size,
-                                                         "data_dir": os.path.abspath(data_dir),
-                                                         "data_name": data_name})
+    saved = cfg.to_dict() | {"image_size": image_size, "data_dir": os.path.abspath(data_dir),
+                             "data_name": data_name}
+    if cfg.weights not in ("imagenet", "none"):  # a file: found again from any folder
+        saved["weights"] = os.path.abspath(cfg.weights)
+    write_json(run_dir / "config.json", saved)
     write_json(run_dir / "classes.json", classes)
     write_json(run_dir / "versions.json", library_versions())
     write_csv(run_dir / "bad_files.csv", ("path", "reason"),
