@@ -269,12 +269,13 @@ def test_a_file_linked_into_two_classes_or_splits_is_used_once_where_it_is(tmp_p
                for path in paths)
 
 
-def test_a_class_of_only_links_to_another_class_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("linked, real", [("cats", "dogs"), ("dogs", "cats")])
+def test_a_class_of_only_links_to_another_class_is_a_clear_error(tmp_path, linked, real):
     data_dir = make_dataset(tmp_path / "pets", classes=("cats", "dogs"), per_class=2, validation=0)
-    for cat in (data_dir / "train" / "cats").iterdir():
-        cat.unlink()
-    (data_dir / "train" / "cats" / "c.png").symlink_to(sorted((data_dir / "train" / "dogs")
+    for image in (data_dir / "train" / linked).iterdir():
+        image.unlink()
+    (data_dir / "train" / linked / "x.png").symlink_to(sorted((data_dir / "train" / real)
                                                               .iterdir())[0])
-    with pytest.raises(ValueError, match="'cats' in .* has no images of its own: its files are "
-                                         "links to images another class or split uses"):
+    with pytest.raises(ValueError, match=f"'{linked}' in .* has no images of its own: its "
+                                         "files are links to images another class or split uses"):
         check.check_dataset(data_dir, ["cats", "dogs"])

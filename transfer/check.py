@@ -106,9 +106,21 @@ def scan_split(split_dir, classes, require_all=True, seen_files=None):
         folder = split_dir / name
         listings[name] = list_images(folder, seen_files) if folder.is_dir() else Listing()
         if require_all and not listings[name].images:
+            if _links_only(listings[name]):
+                raise _links_only_error(name, split_dir)
             raise ValueError(f"Class folder {folder} holds no images "
                              f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder.")
     return listings
+
+
+def _links_only(listing):
+    return any(reason.startswith("repeated link") for _, reason in listing.problems)
+
+
+def _links_only_error(cls, split_dir):
+    return ValueError(f"Class {cls!r} in {split_dir} has no images of its own: its files are "
+                      "links to images another class or split uses. Copy them in, or remove "
+                      "the folder.")
 
 
 def check_files(paths, cache_file=None, workers=None):
@@ -169,10 +181,8 @@ def _checked(name, split_dir, listings, cache_file, require_all):
     skipped = [p for listing in listings.values() for p in listing.skipped]
     if require_all:
         for cls, paths in good.items():
-            if not paths and not listings[cls].images:  # its files are links used elsewhere
-                raise ValueError(f"Class {cls!r} in {split_dir} has no images of its own: its "
-                                 "files are links to images another class or split uses. Copy "
-                                 "them in, or remove the folder.")
+            if not paths and not listings[cls].images:  # its links went to a later class
+                raise _links_only_error(cls, split_dir)
             if not paths:
                 raise ValueError(f"Class {cls!r} in {split_dir} has no readable images: all "
                                  f"{len(listings[cls].images)} failed to decode. See "

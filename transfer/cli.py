@@ -186,9 +186,8 @@ def cmd_train(args):
 
         run_dir = args.resume
         if run_dir == "latest":
-            settings = config.load_file(args.config) if args.config else {}
-            where = {key: settings[key] for key in ("data", "runs_dir") if key in settings}
-            cfg = config.resolve(None, where | overrides)
+            settings = config.load_file(args.config) if args.config else None
+            cfg = config.resolve(settings, overrides)  # a mistake in the file is still named
             run_dir = latest_run(Path(cfg.runs_dir) / dataset_name(cfg.data), finished=False)
         resume(run_dir, verbose)
         return
@@ -271,7 +270,8 @@ def cmd_export(args):
                                 "`python -m transfer train`.")
     run_config = json.loads((run_dir / "config.json").read_text())
     classes = json.loads((run_dir / "classes.json").read_text())
-    name = args.name or run_config.get("data_name") or Path(run_config["data_dir"]).name
+    name = (args.name or run_config.get("data_name")  # older runs: their data folder's name
+            or Path(dataset_name(run_config["data_dir"])).name)
     model = load_model(model_file)
     size = model.input_shape[1]
     formats = [f for f in args.format if f != "savedmodel"]

@@ -97,10 +97,14 @@ class TrainConfig:
         for key in ("rotation", "zoom", "translation", "contrast"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key} must be in [0, 1); received {getattr(self, key)}.")
-        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+        if self.weights_file() is not None and not self.weights_file().is_file():
             raise FileNotFoundError(
                 f"weights must be {WEIGHT_CHOICES}; {self.weights!r} is not a file.")
         return self
+
+    def weights_file(self):
+        """The weights file's path, or None for "imagenet" and "none"."""
+        return None if self.weights in ("imagenet", "none") else Path(self.weights)
 
     def to_dict(self):
         return dataclasses.asdict(self)

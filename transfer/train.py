@@ -74,8 +74,8 @@ def train(cfg, verbose="auto"):
     log.info("Run directory: %s", run_dir)
     saved = cfg.to_dict() | {"image_size": image_size, "data_dir": os.path.abspath(data_dir),
                              "data_name": data_name}
-    if cfg.weights not in ("imagenet", "none"):  # a file: found again from any folder
-        saved["weights"] = os.path.abspath(cfg.weights)
+    if cfg.weights_file() is not None:  # found again from any folder
+        saved["weights"] = os.path.abspath(cfg.weights_file())
     write_json(run_dir / "config.json", saved)
     write_json(run_dir / "classes.json", classes)
     write_json(run_dir / "versions.json", library_versions())
