@@ -40,7 +40,7 @@ serve: install
 	$(PY) -m transfer serve "saved_models/$(NAME)" $(ARGS)
 
 predict: install
-	$(PY) predict.py --model "$(or $(MODEL),saved_models/$(NAME))" "$(IMAGES)"
+	@$(PY) predict.py --model "$(or $(MODEL),saved_models/$(NAME))" "$(IMAGES)"
 
 backbones: install
 	$(PY) -m transfer backbones

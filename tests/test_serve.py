@@ -131,7 +131,7 @@ def test_predict_rows_columns_and_bytes_agree_with_the_model(server):
      413, "an image declaring 100,000,000 pixels exceeds the limit of 64,000,000"),
     (":predict", {"signature_name": "serve_bytes",
                   "instances": [{"b64": base64.b64encode(png_header_only(10**5, 10**5)).decode()}]},
-     413, "an image declaring more than Pillow's limit of pixels exceeds the limit"),
+     413, "an image declaring more than 178,956,970 pixels exceeds the limit of 64,000,000"),
     (":predict", b"[" + b"0," * 600_000 + b"0]", 413, "Request body exceeds"),
     ("/versions/7:predict", {"instances": [1]}, 404, "Specific(stripes, 7)"),
     ("/versions/x:predict", {"instances": [1]}, 400, "Version must be an integer"),

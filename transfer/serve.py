@@ -248,17 +248,13 @@ class ModelServer:
         if len(data) > self.max_image_bytes:
             raise RequestError(413, f"{input_name}: an image of {len(data):,} bytes exceeds the "
                                     f"limit of {self.max_image_bytes:,} (--max-image-mb)")
-        pixels = _declared_pixels(data)  # a few KB can declare gigabytes of pixels
-        if pixels is None or pixels > MAX_IMAGE_PIXELS:
-            size = "more than Pillow's limit of" if pixels is None else f"{pixels:,}"
-            raise RequestError(413, f"{input_name}: an image declaring {size} pixels exceeds "
-                                    f"the limit of {MAX_IMAGE_PIXELS:,}")
+        _check_pixels(data, input_name)  # a few KB can declare gigabytes of pixels
         return data
 
 
-def _declared_pixels(data):
-    """Width x height from an encoded image's header; 0 when Pillow cannot read one (the
-    model's decoder then says what is wrong), None when Pillow refuses it as too large."""
+def _check_pixels(data, input_name):
+    """RequestError 413 when an encoded image's header declares over MAX_IMAGE_PIXELS; a
+    header Pillow cannot read is left to the model's decoder, which says what is wrong."""
     from PIL import Image
 
     with warnings.catch_warnings():
@@ -266,11 +262,16 @@ def _declared_pixels(data):
         try:
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
-        except Image.DecompressionBombError:
-            return None
+        except Image.DecompressionBombError:  # Pillow's own limit, far above ours
+            declared = f"more than {2 * Image.MAX_IMAGE_PIXELS:,}"
         except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            return 0
-    return width * height
+            return
+        else:
+            if width * height <= MAX_IMAGE_PIXELS:
+                return
+            declared = f"{width * height:,}"
+    raise RequestError(413, f"{input_name}: an image declaring {declared} pixels exceeds the "
+                            f"limit of {MAX_IMAGE_PIXELS:,}")
 
 
 def _op_error_reason(message):
