@@ -105,22 +105,16 @@ def scan_split(split_dir, classes, require_all=True, seen_files=None):
     for name in classes:
         folder = split_dir / name
         listings[name] = list_images(folder, seen_files) if folder.is_dir() else Listing()
-        if require_all and not listings[name].images:
-            if _links_only(listings[name]):
-                raise _links_only_error(name, split_dir)
+        if require_all and not listings[name].images and not _links_only(listings[name]):
             raise ValueError(f"Class folder {folder} holds no images "
                              f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder.")
     return listings
 
 
 def _links_only(listing):
+    """Whether a listing's images are all links to files another listing uses (_checked
+    then says so, once every split is listed)."""
     return any(reason.startswith("repeated link") for _, reason in listing.problems)
-
-
-def _links_only_error(cls, split_dir):
-    return ValueError(f"Class {cls!r} in {split_dir} has no images of its own: its files are "
-                      "links to images another class or split uses. Copy them in, or remove "
-                      "the folder.")
 
 
 def check_files(paths, cache_file=None, workers=None):
@@ -181,8 +175,10 @@ def _checked(name, split_dir, listings, cache_file, require_all):
     skipped = [p for listing in listings.values() for p in listing.skipped]
     if require_all:
         for cls, paths in good.items():
-            if not paths and not listings[cls].images:  # its links went to a later class
-                raise _links_only_error(cls, split_dir)
+            if not paths and not listings[cls].images:  # all its files are links used elsewhere
+                raise ValueError(f"Class {cls!r} in {split_dir} has no images of its own: its "
+                                 "files are links to images another class or split uses. Copy "
+                                 "them in, or remove the folder.")
             if not paths:
                 raise ValueError(f"Class {cls!r} in {split_dir} has no readable images: all "
                                  f"{len(listings[cls].images)} failed to decode. See "
@@ -199,7 +195,8 @@ def check_dataset(data_dir, classes):
     seen_files = {}  # both splits are listed before either is checked: a link may move
     listings = [scan_split(data_dir / name, classes, require_all, seen_files)
                 for name, require_all in splits]
-    return [_checked(name, data_dir / name, listed, cache_file_for(data_dir), require_all)
+    cache = cache_file_for(data_dir)
+    return [_checked(name, data_dir / name, listed, cache, require_all)
             for (name, require_all), listed in zip(splits, listings)]
 
 

@@ -18,15 +18,13 @@ PRECISIONS = ("float32", "mixed")
 
 
 def make_strategy(name):
-    """The tf.distribute strategy called `name` (see STRATEGIES).
+    """The tf.distribute strategy called `name` (one of STRATEGIES, as TrainConfig checks).
 
     auto: mirrored when more than one GPU is visible, else none. mirrored: every GPU, or
     every logical CPU device when there is no GPU.
     """
     import tensorflow as tf
 
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; received {name!r}.")
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "none"
@@ -37,7 +35,8 @@ def make_strategy(name):
 
 
 def set_precision(precision, jit):
-    """Set Keras's global dtype policy; returns the jit_compile value for compile().
+    """Set Keras's global dtype policy (precision: one of PRECISIONS, as TrainConfig checks);
+    returns the jit_compile value for compile().
 
     Mixed precision (float16 compute, float32 weights) and XLA pay off on GPUs; on a CPU
     both are slower, so they warn and fall back to float32 and Keras's "auto".
@@ -45,9 +44,6 @@ def set_precision(precision, jit):
     import keras
     import tensorflow as tf
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; "
-                         f"received {precision!r}.")
     on_gpu = bool(tf.config.list_logical_devices("GPU"))
     if precision == "mixed" and not on_gpu:
         log.warning("--precision mixed needs a GPU (on a CPU float16 is slower); training in "

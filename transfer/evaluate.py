@@ -171,7 +171,8 @@ def gradcam(model, images, class_indices, layer=None):
     with tf.GradientTape() as tape:
         tape.watch(features)
         # the dense layer's own dtype: pooled features are float16 under mixed precision
-        logits = tf.matmul(tf.cast(pooled(features), dense.kernel.dtype), dense.kernel) + dense.bias
+        pooled_features = tf.cast(pooled(features), dense.kernel.dtype)
+        logits = tf.matmul(pooled_features, dense.kernel) + dense.bias
         scores = tf.gather(logits, np.asarray(class_indices), axis=1, batch_dims=1)
     gradients = tape.gradient(scores, features)
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
@@ -358,6 +359,7 @@ def plot_feature_maps(model, before, image, path, channels=8):
 def write_report(metrics, figures, path, before_note=None):
     """report.html: the numbers of metrics.json and the figures (files beside it)."""
     e = html.escape
+
     def number(value):
         return "&ndash;" if value is None else f"{value:.3f}"  # a class with no images here
 
