@@ -309,6 +309,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         shutil.rmtree(run_dir / "backup" / phase.name, ignore_errors=True)
         log.info("Phase %s: %d epochs in %.0f s, best val_loss so far %.4f", phase.name,
                  epochs_run, time.time() - started, tracker.best_loss)
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)  # every phase has finished
     return history
 
 
