@@ -75,6 +75,13 @@ def test_bytes_signature_matches_the_image_signature_on_the_same_pictures(traine
     buffer = io.BytesIO()  # 16-bit grey whose values all fit in 8 bits: scaled all the same
     Image.fromarray(np.full((60, 80), 200, np.uint16)).save(buffer, "PNG")
     blobs.append(buffer.getvalue())
+    transparent = Image.fromarray(rng.integers(0, 255, (60, 80, 4), dtype=np.uint8), "RGBA")
+    for image, options in ((transparent.convert("RGB"), {}), (transparent, {"lossless": True}),
+                           (transparent, {"save_all": True,  # animated: the first frame
+                                          "append_images": [transparent.rotate(90)]})):
+        buffer = io.BytesIO()
+        image.save(buffer, "WEBP", **options)
+        blobs.append(buffer.getvalue())
     for i, blob in enumerate(blobs):
         (tmp_path / f"{i}.img").write_bytes(blob)
     images = np.stack([load_image(tmp_path / f"{i}.img", TINY_SIZE)
@@ -92,6 +99,19 @@ def test_bytes_signature_matches_the_image_signature_on_the_same_pictures(traine
     np.testing.assert_array_equal(by_bytes["class_index"].numpy(),
                                   by_bytes["probabilities"].numpy().argmax(axis=1))
 
+    # What TensorFlow's decoders would read wrong (a BMP palette's indices as grey levels) or
+    # not at all fails with a message saying what to send instead.
+    picture = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    for image, kind, options, message in (
+            (picture.convert("P"), "BMP", {}, "24- and 32-bit BMPs only"),
+            (picture.convert("1"), "BMP", {}, "24- and 32-bit BMPs only"),
+            (picture, "WEBP", {"save_all": True, "append_images": [picture.rotate(90)]},
+             "animated WebP without alpha")):
+        buffer = io.BytesIO()
+        image.save(buffer, kind, **options)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            signatures["serve_bytes"](image_bytes=tf.constant([buffer.getvalue()]))
+
 
 def test_export_cli_exports_the_newest_run_of_a_data_set(trained_run, tmp_path, capsys):
     run_dir, _ = trained_run
@@ -100,6 +120,9 @@ def test_export_cli_exports_the_newest_run_of_a_data_set(trained_run, tmp_path, 
     version = tmp_path / "stripes" / "1"
     assert capsys.readouterr().out.strip() == str(version)
     assert json.loads((version / "assets.extra" / "config.json").read_text())["backbone"] == "vgg16"
+    (tmp_path / "a_file").write_text("")
+    assert main(["export", "--run", str(run_dir), "--output", str(tmp_path / "a_file")]) == 2
+    assert "a_file is a file; expected a folder" in capsys.readouterr().err
 
 
 def test_predict_keras_and_savedmodel_agree_and_report_bad_files(trained_run, tmp_path):
@@ -143,7 +166,11 @@ def test_predict_cli_writes_csv_and_json_and_exit_status(trained_run, tmp_path, 
 
     assert main(["predict", "--model", str(run_dir), str(good), "--output", str(tmp_path)]) == 2
     assert "is a folder; expected a file name ending in .csv or .json" in capsys.readouterr().err
-    out = tmp_path / "new" / "predictions.json"  # its folder is made
+    assert main(["predict", "--model", str(run_dir), str(tmp_path / "typo")]) == 2
+    assert "typo does not exist; expected image files or folders" in capsys.readouterr().err
+    assert main(["predict", "--model", str(run_dir), str(good), "--explain", str(broken)]) == 2
+    assert "broken.png is a file; expected a folder" in capsys.readouterr().err
+    out = tmp_path / "new" / "predictions.JSON"  # its folder is made; the suffix in any case
     status = main(["predict", "--model", str(run_dir), str(good), str(broken), "--output", str(out)])
     rows = json.loads(out.read_text())
     assert status == 1  # some file failed

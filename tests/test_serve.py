@@ -117,6 +117,8 @@ def test_predict_rows_columns_and_bytes_agree_with_the_model(server):
     (":predict", {"instances": [[["a"] * 3] * TINY_SIZE] * TINY_SIZE}, 400, "must be numbers"),
     (":predict", {"instances": []}, 400, "non-empty list"),
     (":predict", {"signature_name": "nope", "instances": [1]}, 400, "\"nope\" not found"),
+    (":predict", {"signature_name": ["x"], "instances": [1]}, 400,
+     "signature_name must be a string; received [\"x\"]"),
     (":predict", {"signature_name": "serve_bytes", "instances": [{"b64": "aGVsbG8="}]}, 400,
      "Unknown image file format"),
     (":predict", {"signature_name": "serve_bytes", "instances": [{"b64": "%%%"}]}, 400,
@@ -179,3 +181,7 @@ def test_a_port_in_use_is_named_with_the_fix(trained_run, tmp_path, capsys):
         assert main(["serve", str(model_dir), "--port", str(port)]) == 2
     error = capsys.readouterr().err
     assert f"Port {port} on 127.0.0.1 is already in use" in error and "--port" in error
+    assert main(["serve", str(model_dir), "--port", "70000"]) == 2
+    assert "--port must be 1-65535; received 70000" in capsys.readouterr().err
+    assert main(["serve", str(model_dir), "--host", "no-such-host.invalid"]) == 2
+    assert "Cannot listen on no-such-host.invalid:8501" in capsys.readouterr().err

@@ -328,6 +328,8 @@ def cmd_serve(args):
     _require_positive(args, "max_batch", "max_image_mb", "max_body_mb")
     if args.batch_wait_ms < 0:
         raise ValueError(f"--batch-wait-ms must be 0 or more; received {args.batch_wait_ms}.")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be 1-65535; received {args.port}.")
     serve(args.model_dir, args.host, args.port, args.max_batch, args.batch_wait_ms,
           args.max_image_mb, args.max_body_mb)
 
@@ -341,6 +343,9 @@ def cmd_predict(args):
     if args.output and Path(args.output).is_dir():
         raise ValueError(f"--output {args.output} is a folder; expected a file name ending in "
                          ".csv or .json.")
+    if args.explain and Path(args.explain).exists() and not Path(args.explain).is_dir():
+        raise ValueError(f"--explain {args.explain} is a file; expected a folder to write the "
+                         "Grad-CAM overlays into.")
     paths, problems, skipped = expand_paths(args.images)
     if not paths and not problems:
         raise FileNotFoundError(f"No images found in {', '.join(args.images)} ({len(skipped)} "
@@ -357,7 +362,7 @@ def cmd_predict(args):
     rows += predict_paths(predictor, paths, args.batch_size, args.top_k)
     if args.explain:
         explain(predictor, rows, args.explain)
-    fmt = "json" if args.output and args.output.endswith(".json") else "csv"
+    fmt = "json" if args.output and Path(args.output).suffix.lower() == ".json" else "csv"
     if args.output:
         with open(args.output, "w", newline="", encoding="utf-8") as handle:
             write_rows(rows, handle, fmt)

@@ -2,7 +2,7 @@
 
 Two signatures, both with the preprocessing inside:
   serving_default  images      float32 [N, H, W, 3], raw 0-255 RGB
-  serve_bytes      image_bytes string [N], encoded JPEG/PNG/GIF/BMP, decoded and resized in
+  serve_bytes      image_bytes string [N], encoded JPEG/PNG/GIF/BMP/WebP, decoded and resized in
                                the graph as training resized them (bilinear, no crop)
 Both return probabilities [N, C], class_index [N] and class_name [N].
 """
@@ -38,20 +38,47 @@ def decode_and_resize(image_bytes, size):
 
     Like transfer.images.load_image: transparency composited on white, the first frame of an
     animation, bilinear resize to a square with antialiasing, whole-number pixel values.
-    (EXIF orientation is not applied in the graph: send upright images.)
+    (EXIF orientation is not applied in the graph: send upright images.) What TensorFlow's
+    decoders cannot read right fails with a message saying so: palette and 1-bit BMPs (it
+    reads their palette indices as grey levels) and animated WebPs without alpha.
     """
     import tensorflow as tf
 
-    def png():
-        rgba = tf.cast(tf.io.decode_png(image_bytes, channels=4), tf.float32)
+    header = tf.strings.substr(image_bytes + b"\0" * 32, 0, 32)  # padded: short files slice
+
+    def part(start, length):
+        return tf.strings.substr(header, start, length)
+
+    def byte(offset):
+        return tf.cast(tf.io.decode_raw(part(offset, 1), tf.uint8)[0], tf.int32)
+
+    webp = (part(0, 4) == b"RIFF") & (part(8, 4) == b"WEBP")
+    extended = webp & (part(12, 4) == b"VP8X")  # flags at byte 20: 0x10 alpha, 0x02 animation
+    webp_alpha = (extended & (byte(20) // 16 % 2 == 1)) | (
+        webp & (part(12, 4) == b"VP8L") & (byte(24) // 16 % 2 == 1))  # lossless: bit 28
+    bmp = (part(0, 2) == b"BM") & (tf.strings.length(image_bytes) >= 30)  # else too short
+    bmp_bits = byte(28) + 256 * byte(29)
+    checks = [
+        tf.debugging.Assert(~bmp | (bmp_bits >= 24), [
+            "serve_bytes reads 24- and 32-bit BMPs only; this one has", bmp_bits,
+            "bits per pixel (a palette): send it as PNG"]),
+        tf.debugging.Assert(~extended | webp_alpha | (byte(20) // 2 % 2 == 0), [
+            "serve_bytes cannot read an animated WebP without alpha: send its first frame "
+            "as PNG or JPEG"])]
+
+    def with_alpha():  # PNG (also palette with tRNS) and WebP with alpha, on white
+        rgba = tf.cast(tf.io.decode_image(image_bytes, channels=4, expand_animations=False),
+                       tf.float32)
         alpha = rgba[..., 3:] / 255.0
         return tf.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha))
 
-    def other():
+    def without_alpha():  # TensorFlow's WebP decoder needs the channels the file has
         return tf.cast(tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
                        tf.float32)
 
-    image = tf.cond(tf.strings.substr(image_bytes, 0, 8) == b"\x89PNG\r\n\x1a\n", png, other)
+    png = part(0, 8) == b"\x89PNG\r\n\x1a\n"
+    with tf.control_dependencies(checks):
+        image = tf.cond(png | webp_alpha, with_alpha, without_alpha)
     image.set_shape([None, None, 3])
     resized = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
     return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
@@ -67,6 +94,10 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
     import tensorflow as tf
 
     model_dir = Path(model_dir)
+    taken = next((p for p in (model_dir, *model_dir.parents) if p.exists()), None)
+    if taken is not None and not taken.is_dir():
+        raise ValueError(f"Cannot export into {model_dir}: {taken} is a file; expected a "
+                         "folder (--output names the folder that holds saved_models/<name>/).")
     model_dir.mkdir(parents=True, exist_ok=True)
     size = model.input_shape[1]
     names = tf.constant(list(classes))

@@ -90,8 +90,11 @@ def expand_paths(inputs):
             paths += listing.images
             problems += listing.problems
             skipped += listing.skipped
-        else:
+        elif item.exists() or item.is_symlink():  # a broken link gets its error row
             paths.append(item)
+        else:
+            raise FileNotFoundError(f"{item} does not exist; expected image files or folders "
+                                    "of them.")
     return paths, problems, skipped
 
 

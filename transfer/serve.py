@@ -208,6 +208,9 @@ class ModelServer:
                                request else "Not both 'inputs' and 'instances' may be given")
         servable = self.servable(name, version)
         signature = request.get("signature_name", SIGNATURE)
+        if not isinstance(signature, str):
+            raise RequestError(400, "signature_name must be a string; received "
+                                    f"{json.dumps(signature)}")
         input_name, spec = servable.input_spec(signature)
         row_format = "instances" in request
         values = request["instances"] if row_format else request["inputs"]
@@ -359,8 +362,10 @@ def serve(model_dir, host="127.0.0.1", port=8501, max_batch=32, batch_wait_ms=2.
     try:
         web.run_app(build_app(server, int(max_body_mb * 2**20)), host=host, port=port,
                     print=None)
-    except OSError as error:
-        if error.errno != errno.EADDRINUSE:
-            raise
-        raise ValueError(f"Port {port} on {host} is already in use (by another server, or "
-                         "TensorFlow Serving itself); choose another with --port.") from None
+    except OSError as error:  # socket.gaierror included: a host name that does not resolve
+        if error.errno == errno.EADDRINUSE:
+            raise ValueError(f"Port {port} on {host} is already in use (by another server, or "
+                             "TensorFlow Serving itself); choose another with --port.") from None
+        raise ValueError(f"Cannot listen on {host}:{port}: {error.strerror or error}. Expected "
+                         "--host to be this machine's name or one of its addresses (127.0.0.1, "
+                         "or 0.0.0.0 for all).") from None
