@@ -269,6 +269,21 @@ def test_a_file_linked_into_two_classes_or_splits_is_used_once_where_it_is(tmp_p
                for path in paths)
 
 
+def test_a_folder_link_into_another_class_leaves_its_files_where_they_are(tmp_path, capsys):
+    data_dir = make_dataset(tmp_path / "pets", classes=("cats", "dogs"), per_class=3, validation=0)
+    sub = data_dir / "train" / "dogs" / "sub"
+    sub.mkdir()
+    for image in sorted((data_dir / "train" / "dogs").glob("*.*"))[:2]:
+        image.rename(sub / image.name)
+    (data_dir / "train" / "cats" / "more").symlink_to(sub, target_is_directory=True)
+    train, = check.check_dataset(data_dir, ["cats", "dogs"])
+    assert train.counts() == {"cats": 3, "dogs": 3}  # the dogs in sub/ stay dogs
+    assert sorted(p.parent.name for p, _ in train.bad) == ["more", "more"]
+    assert main(["check", str(data_dir), "--quarantine", str(tmp_path / "q")]) == 1
+    assert len(list(sub.iterdir())) == 2  # not moved away through the link
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("linked, real", [("cats", "dogs"), ("dogs", "cats")])
 def test_a_class_of_only_links_to_another_class_is_a_clear_error(tmp_path, linked, real):
     data_dir = make_dataset(tmp_path / "pets", classes=("cats", "dogs"), per_class=2, validation=0)

@@ -35,7 +35,7 @@ class Listing:
 def list_images(folder, seen_files=None):
     """Walk `folder` for image files, following directory links once and detecting loops.
 
-    seen_files ({real path: (path, its Listing)}) is shared by the calls that list one data
+    seen_files ({real path: (path, its Listing, whether the path is the file itself)}) is shared by the calls that list one data
     set, so a file linked into two classes or splits is used once: where the file itself is,
     else at its first link.
     """
@@ -43,6 +43,7 @@ def list_images(folder, seen_files=None):
     folder = Path(folder)
     seen = {os.path.realpath(folder)}
     seen_files = {} if seen_files is None else seen_files
+    linked = {folder: False}  # whether a folder was reached through a link below `folder`
     for root, dirs, files in os.walk(folder, followlinks=True):
         root = Path(root)
         for name in sorted(dirs):
@@ -55,23 +56,25 @@ def list_images(folder, seen_files=None):
                                                       "listed; not followed again"))
             else:
                 seen.add(real)
+                linked[root / name] = linked[root] or (root / name).is_symlink()
         dirs.sort()
         for name in sorted(files):
             path = root / name
             real = os.path.realpath(path)
+            itself = not (linked[root] or path.is_symlink())  # not another name for the file
             if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 listing.skipped.append(path)
             elif real in seen_files:
-                kept, kept_in = seen_files[real]
-                if kept.is_symlink() and not path.is_symlink():  # the file itself wins
+                kept, kept_in, kept_itself = seen_files[real]
+                if itself and not kept_itself:  # the file itself wins
                     kept_in.images.remove(kept)
                     kept_in.problems.append((kept, _repeated(path)))
-                    seen_files[real] = path, listing
+                    seen_files[real] = path, listing, itself
                     listing.images.append(path)
                 else:
                     listing.problems.append((path, _repeated(kept)))
             else:
-                seen_files[real] = path, listing
+                seen_files[real] = path, listing, itself
                 listing.images.append(path)
     return listing
 
@@ -228,10 +231,12 @@ def warnings_for(reports):
 def quarantine(bad, data_dir, target):
     """Move bad files from data_dir into target, keeping their relative paths; never overwrite."""
     moved = []
-    for path, _ in bad:
+    for path, reason in bad:
         path = Path(path)
         if path.is_dir() or not (path.is_file() or path.is_symlink()):
             continue  # a looping folder link is reported, not moved
+        if reason.startswith("repeated link") and not path.is_symlink():
+            continue  # reached through a folder link: moving it would move the file in use
         destination = Path(target) / path.relative_to(data_dir)
         if destination.exists():
             raise FileExistsError(f"{destination} exists; quarantine never overwrites. "
