@@ -93,3 +93,19 @@ def test_resume_refuses_finished_runs_and_other_options(tiny_config, capsys):
     assert f"No unfinished run under {run_dir.parent}" in capsys.readouterr().err
     assert main(["train", "--config", str(settings), "--resume", str(run_dir)]) == 2
     assert "drop --config" in capsys.readouterr().err
+
+
+def test_a_run_killed_after_its_last_phase_saves_the_trained_model_on_resume(tiny_config):
+    import numpy as np
+
+    from transfer.model import load_model
+    from transfer.train import train
+
+    run_dir = train(tiny_config(epochs=2, fine_tune_epochs=1), verbose=0)
+    images = np.random.default_rng(0).uniform(0, 255, (4, TINY_SIZE, TINY_SIZE, 3))
+    trained = load_model(run_dir / "model.keras").predict(images, verbose=0)
+    for name in ("summary.json", "model.keras"):  # killed while saving: every phase is done
+        (run_dir / name).unlink()
+    resume(run_dir, verbose=0)
+    np.testing.assert_allclose(load_model(run_dir / "model.keras").predict(images, verbose=0),
+                               trained, atol=1e-6)

@@ -249,8 +249,8 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
     Each phase sets what is trainable, asks feeds(phase) for (the model to fit, training
     data, validation data, a description): the classifier itself on images, or a model
     sharing its layers on cached features. It recompiles (trainable changes apply only at
-    compile), and stops after `patience` epochs without a better validation loss. The model
-    ends each phase with the best weights seen so far, of this phase or an earlier one.
+    compile), and stops after `patience` epochs without a better validation loss. Each phase
+    starts, and the model ends, with the best weights seen so far, of any phase.
     Progress lives in run_dir (history.csv, best weights, state.json and a BackupAndRestore
     checkpoint), so calling this again on the same run_dir continues where it stopped.
     """
@@ -302,7 +302,6 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         if not (run_dir / BEST_WEIGHTS).is_file():
             raise ValueError(f"Training diverged: the validation loss of phase {phase.name} was "
                              f"never a number. Lower the learning rate ({phase.learning_rate:g}).")
-        load_weights(model, run_dir / BEST_WEIGHTS)
         completed.append(phase.name)
         timings[phase.name] = {"seconds": round(time.time() - started, 1), "fed": fed}
         write_json(run_dir / STATE, {"completed": completed, "phases": timings})
@@ -310,6 +309,8 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         log.info("Phase %s: %d epochs in %.0f s, best val_loss so far %.4f", phase.name,
                  epochs_run, time.time() - started, tracker.best_loss)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)  # every phase has finished
+    if (run_dir / BEST_WEIGHTS).is_file():  # also when they had all finished before a resume
+        load_weights(model, run_dir / BEST_WEIGHTS)
     return history
 
 
