@@ -3,6 +3,7 @@
 import io
 import os
 import random
+import shutil
 import signal
 
 import numpy as np
@@ -282,6 +283,24 @@ def test_a_folder_link_into_another_class_leaves_its_files_where_they_are(tmp_pa
     assert main(["check", str(data_dir), "--quarantine", str(tmp_path / "q")]) == 1
     assert len(list(sub.iterdir())) == 2  # not moved away through the link
     capsys.readouterr()
+
+
+def test_a_file_name_that_is_not_utf8_is_set_aside_and_reported(tmp_path, capsysbinary):
+    from transfer.files import write_csv
+
+    data_dir = make_dataset(tmp_path / "pets", classes=("cats", "dogs"), per_class=3, validation=0)
+    source = sorted((data_dir / "train" / "cats").iterdir())[0]
+    shutil.copy(source, os.fsencode(data_dir / "train" / "cats") + b"/caf\xe9.png")
+    train, = check.check_dataset(data_dir, ["cats", "dogs"])
+    assert train.counts() == {"cats": 3, "dogs": 3}
+    assert [(path.name, reason) for path, reason in train.bad] == [
+        ("caf\udce9.png", "file name not UTF-8: rename it")]
+    write_csv(tmp_path / "bad_files.csv", ["path", "reason"], train.bad)  # as train writes it
+    assert "caf\\udce9.png" in (tmp_path / "bad_files.csv").read_text(encoding="utf-8")
+    assert main(["check", str(data_dir)]) == 1
+    out = capsysbinary.readouterr().out  # the name printed as it is: not UTF-8
+    assert b"/caf\xe9.png\tfile name not UTF-8" in out
+    assert b"1 file(s) set aside (1 file name not UTF-8)" in out
 
 
 @pytest.mark.parametrize("linked, real", [("cats", "dogs"), ("dogs", "cats")])

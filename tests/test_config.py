@@ -71,3 +71,11 @@ def test_malformed_config_files_are_named_with_what_is_wrong(tmp_path):
         load_file(tmp_path / "broken.json")
     (tmp_path / "SETTINGS.YAML").write_text("epochs: 3\n")
     assert load_file(tmp_path / "SETTINGS.YAML") == {"epochs": 3}
+
+
+def test_yaml_exponents_without_a_dot_are_numbers_for_float_settings(tmp_path):
+    (tmp_path / "settings.yaml").write_text("learning_rate: 1e-4\nfine_tune_learning_rate: 2e-6\n")
+    cfg = resolve(load_file(tmp_path / "settings.yaml"))  # YAML 1.1 reads these as strings
+    assert (cfg.learning_rate, cfg.fine_tune_learning_rate) == (1e-4, 2e-6)
+    with pytest.raises(ValueError, match="learning_rate must be float; received 'fast'"):
+        resolve({"learning_rate": "fast"})

@@ -77,12 +77,17 @@ def test_evaluate_command_on_a_folder_sets_bad_files_aside(trained_run, tmp_path
     folder = tmp_path / "holdout"
     shutil.copytree(dataset / "validation", folder)
     (folder / "vertical" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    shutil.copy(next((folder / "vertical").glob("*.jpg")), folder / "loose.jpg")
     assert main(["evaluate", "--model", str(run_dir), str(folder), "--output",
                  str(tmp_path / "report")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "report" / "report.html")
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["images"] == 8
-    assert [Path(row[0]).name for row in metrics["set_aside"]] == ["broken.jpg"]
+    assert {Path(row[0]).name: row[1].split(":")[0] for row in metrics["set_aside"]} == {
+        "broken.jpg": "not an image", "loose.jpg": "outside any class folder"}
+    assert main(["evaluate", "--model", str(run_dir), str(dataset)]) == 2  # not its validation/
+    assert ("train, validation that are not classes of the model (horizontal, vertical)"
+            in capsys.readouterr().err)
     assert main(["evaluate", "--model", str(tmp_path), str(folder)]) == 2
     assert "not a trained Keras model" in capsys.readouterr().err
 

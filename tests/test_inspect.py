@@ -46,5 +46,6 @@ def test_inspect_command_prints_the_table_and_rejects_bad_options(capsys):
     assert "14.71M parameters" in out and "a multiply-add counted as 2 FLOPs" in out
     assert main(["inspect", "vgg17"]) == 2
     assert "vgg16" in capsys.readouterr().err  # the valid names
-    assert main(["inspect", "vgg16", "--image-size", "16"]) == 2
-    assert "minimum of 32" in capsys.readouterr().err
+    for size in ("16", "0"):  # 0 is not "the default"
+        assert main(["inspect", "vgg16", "--image-size", size]) == 2
+        assert f"image size {size} is below backbone 'vgg16''s minimum of 32" in capsys.readouterr().err

@@ -64,6 +64,8 @@ def list_images(folder, seen_files=None):
             itself = not (linked[root] or path.is_symlink())  # not another name for the file
             if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 listing.skipped.append(path)
+            elif not _utf8(str(path)):
+                listing.problems.append((path, "file name not UTF-8: rename it"))
             elif real in seen_files:
                 kept, kept_in, kept_itself = seen_files[real]
                 if itself and not kept_itself:  # the file itself wins
@@ -77,6 +79,16 @@ def list_images(folder, seen_files=None):
                 seen_files[real] = path, listing, itself
                 listing.images.append(path)
     return listing
+
+
+def _utf8(text):
+    """Whether text (a path, as Python decodes file names) is valid UTF-8: run files such as
+    split.csv are written in UTF-8 and read back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _repeated(used):
@@ -97,14 +109,21 @@ def class_names(train_dir):
 
 
 def scan_split(split_dir, classes, require_all=True, seen_files=None):
-    """{class: Listing} for split_dir/<class>/ of each class, checking the folder layout."""
+    """{class: Listing} for split_dir/<class>/ of each class, checking the folder layout; the
+    files outside any class folder go under the key None (images as problems: not used)."""
     split_dir = Path(split_dir)
     extra = sorted(p.name for p in split_dir.iterdir()
                    if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
     if extra:
         raise ValueError(f"{split_dir} has class folder(s) {', '.join(extra)} that train/ lacks; "
                          f"expected only {', '.join(classes)}. Add them to train/ or remove them.")
-    listings = {}
+    listings = {None: Listing()}
+    for path in sorted(p for p in split_dir.iterdir() if not p.is_dir()):
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            listings[None].skipped.append(path)
+        else:
+            listings[None].problems.append((path, "outside any class folder: not used; move it "
+                                                  "into a class folder"))
     for name in classes:
         folder = split_dir / name
         listings[name] = list_images(folder, seen_files) if folder.is_dir() else Listing()
@@ -171,7 +190,7 @@ def _checked(name, split_dir, listings, cache_file, require_all):
     candidates = [path for listing in listings.values() for path in listing.images]
     results = check_files(candidates, cache_file)
     good = {cls: [p for p in listing.images if results[p] is None]
-            for cls, listing in listings.items()}
+            for cls, listing in listings.items() if cls is not None}
     bad = [(p, results[p]) for listing in listings.values() for p in listing.images
            if results[p] is not None]
     bad += [problem for listing in listings.values() for problem in listing.problems]

@@ -4,6 +4,7 @@ The only module that prints.
 """
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # print file names as they are, even non-UTF-8
+        sys.stdout.reconfigure(errors="surrogateescape")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         return args.command(args) or 0
@@ -364,7 +367,7 @@ def cmd_predict(args):
         explain(predictor, rows, args.explain)
     fmt = "json" if args.output and Path(args.output).suffix.lower() == ".json" else "csv"
     if args.output:
-        with open(args.output, "w", newline="", encoding="utf-8") as handle:
+        with open(args.output, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             write_rows(rows, handle, fmt)
     else:
         write_rows(rows, sys.stdout, fmt)

@@ -165,6 +165,16 @@ def _check_types(settings):
         expected = type(default) if default is not None else (int if key == "image_size" else str)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             settings[key] = float(value)
+        elif expected is float and isinstance(value, str) and _is_number(value):
+            settings[key] = float(value)  # YAML reads 1e-4 (no dot) as a string
         elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ValueError(f"{key} must be {expected.__name__}; received {value!r} "
                              f"({type(value).__name__}).")
+
+
+def _is_number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

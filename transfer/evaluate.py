@@ -47,6 +47,12 @@ def evaluate_folder(model_path, folder, output=None):
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist; expected {folder}/<class>/*.jpg with "
                                 f"the model's classes ({', '.join(classes)}).")
+    extra = sorted(p.name for p in folder.iterdir()
+                   if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+    if extra:
+        raise ValueError(f"{folder} has folder(s) {', '.join(extra)} that are not classes of the "
+                         f"model ({', '.join(classes)}); expected {folder}/<class>/*.jpg (for a "
+                         "data set, give its validation/ folder).")
     report = check_split("evaluate", folder, classes, cache_file_for(folder), require_all=False)
     paths = [(str(p), classes.index(c)) for c in classes for p in report.good[c]]
     for path, reason in report.bad:

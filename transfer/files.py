@@ -28,8 +28,10 @@ def cache_home():
 
 
 def write_atomic(path, text):
+    """Write text as UTF-8; a file name that is not UTF-8 (set aside by the check, so only
+    ever in reports) is written with backslash escapes."""
     with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
+        temporary.write_text(text, encoding="utf-8", errors="backslashreplace")
 
 
 def write_json(path, value):

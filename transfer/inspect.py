@@ -42,7 +42,7 @@ def inspect_backbone(name, image_size=None):
     """(rows for every convolution, pooling and per-pixel Dense layer, the backbone), for the
     named backbone."""
     spec = get_spec(name)
-    backbone = spec.build(image_size or spec.default_size, weights=None)
+    backbone = spec.build(spec.default_size if image_size is None else image_size, weights=None)
     return table(backbone), backbone
 
 
