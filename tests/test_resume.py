@@ -89,6 +89,9 @@ def test_resume_refuses_finished_runs_and_other_options(tiny_config, capsys):
     settings = run_dir.parent / "settings.yaml"  # `make train CONFIG=settings.yaml RESUME=1`
     settings.write_text(f"data: {run_dir.parent.name}\nruns_dir: {run_dir.parents[1]}\n"
                         "epochs: 9\n")
+    stopped_early = run_dir.parent / "99991231-000000-vgg16"  # stopped before its split.csv
+    stopped_early.mkdir()
+    (stopped_early / "config.json").write_text("{}")
     assert main(["train", "--config", str(settings), "--resume"]) == 2
     assert f"No unfinished run under {run_dir.parent}" in capsys.readouterr().err
     assert main(["train", "--config", str(settings), "--resume", str(run_dir)]) == 2

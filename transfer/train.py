@@ -398,9 +398,11 @@ def new_run_dir(parent, backbone):
 
 
 def latest_run(parent, finished=True):
-    """The newest finished (or, with finished=False, unfinished) run directory under parent."""
+    """The newest finished (or, with finished=False, unfinished but resumable: it has its
+    split.csv) run directory under parent."""
     runs = [p for p in Path(parent).glob("*") if (p / "config.json").is_file()
-            and (p / "summary.json").is_file() == finished]
+            and (p / "summary.json").is_file() == finished
+            and (finished or (p / "split.csv").is_file())]
     if not runs:
         kind = "finished" if finished else "unfinished"
         raise FileNotFoundError(f"No {kind} run under {parent}; expected {parent}/<run>/ from "
