@@ -48,4 +48,5 @@ def test_inspect_command_prints_the_table_and_rejects_bad_options(capsys):
     assert "vgg16" in capsys.readouterr().err  # the valid names
     for size in ("16", "0"):  # 0 is not "the default"
         assert main(["inspect", "vgg16", "--image-size", size]) == 2
-        assert f"image size {size} is below backbone 'vgg16''s minimum of 32" in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert f"image size {size} is below backbone 'vgg16''s minimum of 32" in error

@@ -35,9 +35,10 @@ class Listing:
 def list_images(folder, seen_files=None):
     """Walk `folder` for image files, following directory links once and detecting loops.
 
-    seen_files ({real path: (path, its Listing, whether the path is the file itself)}) is shared by the calls that list one data
-    set, so a file linked into two classes or splits is used once: where the file itself is,
-    else at its first link.
+    seen_files ({real path: (path, its Listing, whether the path is the file itself rather
+    than reached through a link)}) is shared by the calls that list one data set, so a file
+    linked into two classes or splits is used once: where the file itself is, else at its
+    first link.
     """
     listing = Listing()
     folder = Path(folder)

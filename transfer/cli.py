@@ -367,7 +367,8 @@ def cmd_predict(args):
         explain(predictor, rows, args.explain)
     fmt = "json" if args.output and Path(args.output).suffix.lower() == ".json" else "csv"
     if args.output:
-        with open(args.output, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        with open(args.output, "w", newline="", encoding="utf-8",
+                  errors="surrogateescape") as handle:  # file names as printed to stdout
             write_rows(rows, handle, fmt)
     else:
         write_rows(rows, sys.stdout, fmt)
