@@ -21,6 +21,7 @@ from transfer.images import IMAGE_EXTENSIONS, ImageError, decode_workers, open_r
 log = logging.getLogger(__name__)
 
 FEW_IMAGES = 10  # a class with fewer training images than this gets a warning
+REPEATED_LINK = "repeated link"  # the reason for a second name of a file: used once, elsewhere
 
 
 @dataclasses.dataclass
@@ -63,7 +64,7 @@ def list_images(folder, seen_files=None):
             path = root / name
             real = os.path.realpath(path)
             itself = not (linked[root] or path.is_symlink())  # not another name for the file
-            if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if not _image_name(path):
                 listing.skipped.append(path)
             elif not _utf8(str(path)):
                 listing.problems.append((path, "file name not UTF-8: rename it"))
@@ -82,6 +83,11 @@ def list_images(folder, seen_files=None):
     return listing
 
 
+def _image_name(path):
+    """Whether a file is one to list: an image extension, and not hidden."""
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
 def _utf8(text):
     """Whether text (a path, as Python decodes file names) is valid UTF-8: run files such as
     split.csv are written in UTF-8 and read back."""
@@ -93,7 +99,7 @@ def _utf8(text):
 
 
 def _repeated(used):
-    return f"repeated link: same file as {used}, which is used once"
+    return f"{REPEATED_LINK}: same file as {used}, which is used once"
 
 
 def class_names(train_dir):
@@ -113,14 +119,13 @@ def scan_split(split_dir, classes, require_all=True, seen_files=None):
     """{class: Listing} for split_dir/<class>/ of each class, checking the folder layout; the
     files outside any class folder go under the key None (images as problems: not used)."""
     split_dir = Path(split_dir)
-    extra = sorted(p.name for p in split_dir.iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+    extra = extra_folders(split_dir, classes)
     if extra:
         raise ValueError(f"{split_dir} has class folder(s) {', '.join(extra)} that train/ lacks; "
                          f"expected only {', '.join(classes)}. Add them to train/ or remove them.")
     listings = {None: Listing()}
     for path in sorted(p for p in split_dir.iterdir() if not p.is_dir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if not _image_name(path):
             listings[None].skipped.append(path)
         else:
             listings[None].problems.append((path, "outside any class folder: not used; move it "
@@ -134,10 +139,16 @@ def scan_split(split_dir, classes, require_all=True, seen_files=None):
     return listings
 
 
+def extra_folders(folder, classes):
+    """Sorted names of the folders in `folder` that are neither hidden nor one of classes."""
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+
+
 def _links_only(listing):
     """Whether a listing's images are all links to files another listing uses (_checked
     then says so, once every split is listed)."""
-    return any(reason.startswith("repeated link") for _, reason in listing.problems)
+    return any(reason.startswith(REPEATED_LINK) for _, reason in listing.problems)
 
 
 def check_files(paths, cache_file=None, workers=None):
@@ -255,7 +266,7 @@ def quarantine(bad, data_dir, target):
         path = Path(path)
         if path.is_dir() or not (path.is_file() or path.is_symlink()):
             continue  # a looping folder link is reported, not moved
-        if reason.startswith("repeated link") and not path.is_symlink():
+        if reason.startswith(REPEATED_LINK) and not path.is_symlink():
             continue  # reached through a folder link: moving it would move the file in use
         destination = Path(target) / path.relative_to(data_dir)
         if destination.exists():

@@ -40,15 +40,14 @@ def load_run_model(path):
 def evaluate_folder(model_path, folder, output=None):
     """Evaluate on folder/<class>/* images; returns the output folder (default: the run
     directory, or the folder of the .keras file)."""
-    from transfer.check import cache_file_for, check_split
+    from transfer.check import cache_file_for, check_split, extra_folders
 
     model, classes, run_dir = load_run_model(model_path)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist; expected {folder}/<class>/*.jpg with "
                                 f"the model's classes ({', '.join(classes)}).")
-    extra = sorted(p.name for p in folder.iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+    extra = extra_folders(folder, classes)
     if extra:
         raise ValueError(f"{folder} has folder(s) {', '.join(extra)} that are not classes of the "
                          f"model ({', '.join(classes)}); expected {folder}/<class>/*.jpg (for a "
