@@ -3,11 +3,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+TRANSFER := $(VENV)/bin/transfer
 DATA ?= cats_dogs
 RUN ?=
 # DATA is a data set's name (under $TRANSFER_DATA_HOME or data/) or a folder; runs and exports
 # are filed under the name, or the folder's own name (links resolved). make cannot take folder
-# paths with spaces here: use python -m transfer for those.
+# paths with spaces here: use .venv/bin/transfer for those.
 IS_FOLDER := $(wildcard $(DATA)/.)
 NAME := $(if $(IS_FOLDER),$(notdir $(realpath $(DATA))),$(DATA))
 IMAGES ?= $(if $(IS_FOLDER),$(DATA),$(or $(TRANSFER_DATA_HOME),data)/$(DATA))/validation
@@ -21,29 +22,30 @@ TRAIN_FLAGS := $(if $(and $(CONFIG),$(filter file,$(origin DATA))),,--data "$(DA
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The project itself, editable, with the pinned dependencies of requirements.txt and pytest.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -e '.[test]'
 	touch $@
 
 train: install
-	$(PY) -m transfer train $(TRAIN_FLAGS)
+	$(TRANSFER) train $(TRAIN_FLAGS)
 
 check: install
-	$(PY) -m transfer check "$(DATA)"
+	$(TRANSFER) check "$(DATA)"
 
 export: install
-	$(PY) -m transfer export $(if $(RUN),--run "$(RUN)",--data "$(DATA)")
+	$(TRANSFER) export $(if $(RUN),--run "$(RUN)",--data "$(DATA)")
 
 serve: install
-	$(PY) -m transfer serve "saved_models/$(NAME)" $(ARGS)
+	$(TRANSFER) serve "saved_models/$(NAME)" $(ARGS)
 
 predict: install
 	@$(PY) predict.py --model "$(or $(MODEL),saved_models/$(NAME))" "$(IMAGES)"
 
 backbones: install
-	$(PY) -m transfer backbones
+	$(TRANSFER) backbones
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

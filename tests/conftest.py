@@ -99,7 +99,7 @@ def tiny_config(dataset, tmp_path):
 def trained_run(tmp_path_factory):
     """A finished run of the tiny backbone on a stripes data set: (run_dir, dataset)."""
     from transfer.config import resolve
-    from transfer.train import train
+    from transfer.pipeline import train
 
     root = tmp_path_factory.mktemp("trained")
     dataset = make_dataset(root / "stripes")

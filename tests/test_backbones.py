@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import KERAS_HOME
-from transfer.backbones import BACKBONES, _weights_help, cut_index, get_spec, preprocessing_layers
+from transfer.backbones import BACKBONES, _weights_help, cut_index, get_spec
+from transfer.layers import preprocessing_layers
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))

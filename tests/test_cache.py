@@ -16,7 +16,7 @@ from transfer.cache import FeatureStore, Views, frozen_boundary
 from transfer.export import export_savedmodel
 from transfer.images import load_image
 from transfer.model import load_model
-from transfer.train import train
+from transfer.pipeline import train
 
 
 def _train(cfg, caplog):

@@ -226,7 +226,7 @@ def test_train_and_predict_use_exactly_the_good_files_and_report_exactly_the_bad
 
     from transfer.config import resolve
     from transfer.predict import Predictor, expand_paths, predict_paths
-    from transfer.train import train
+    from transfer.pipeline import train
 
     good, bad = build_dirty_class(tmp_path / "pets" / "train" / "cats")
     make_dataset(tmp_path / "more", classes=("dogs",), per_class=12, validation=0)

@@ -21,7 +21,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from transfer.config import resolve
 from transfer.model import load_model
-from transfer.train import train
+from transfer.pipeline import train
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 data, runs, strategy, batch, rate = sys.argv[1:6]
 cfg = resolve(None, dict(data=data, backbone="vgg16", weights="none", image_size={size},
@@ -73,7 +73,7 @@ def test_mirrored_on_two_logical_cpus_matches_no_strategy(tmp_path):
 
 
 def test_mixed_precision_and_jit_warn_and_fall_back_on_the_cpu(tiny_config, caplog):
-    from transfer.train import train
+    from transfer.pipeline import train
 
     with caplog.at_level(logging.INFO, logger="transfer"):
         run_dir = train(tiny_config(precision="mixed", jit=True, epochs=1, fine_tune_epochs=0),

@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_SIZE
 from transfer.backbones import BACKBONES
 from transfer.cli import main
-from transfer.evaluate import gradcam
+from transfer.explain import gradcam
 from transfer.images import load_image
 from transfer.model import backbone_of, image_model, load_model
 
@@ -155,7 +155,7 @@ def test_predict_explain_writes_a_gradcam_overlay_per_image(trained_run, tmp_pat
 def test_the_report_after_training_lists_the_files_set_aside(dataset, tiny_config):
     broken = dataset / "validation" / "vertical" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    from transfer.train import train
+    from transfer.pipeline import train
 
     run_dir = train(tiny_config(epochs=1, fine_tune_epochs=0, evaluate=True), verbose=0)
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import CATS_DOGS
 from transfer.config import resolve
-from transfer.train import train
+from transfer.pipeline import train
 
 pytestmark = pytest.mark.real
 

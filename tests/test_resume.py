@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, TINY_SIZE, make_dataset
 from transfer.cli import main
-from transfer.train import resume
+from transfer.pipeline import resume
 
 
 def _history(run_dir):
@@ -79,7 +79,7 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, ca
 
 
 def test_resume_refuses_finished_runs_and_other_options(tiny_config, capsys):
-    from transfer.train import train
+    from transfer.pipeline import train
 
     run_dir = train(tiny_config(epochs=1, fine_tune_epochs=0), verbose=0)
     with pytest.raises(ValueError, match="has finished"):
@@ -102,7 +102,7 @@ def test_a_run_killed_after_its_last_phase_saves_the_trained_model_on_resume(tin
     import numpy as np
 
     from transfer.model import load_model
-    from transfer.train import train
+    from transfer.pipeline import train
 
     run_dir = train(tiny_config(epochs=2, fine_tune_epochs=1), verbose=0)
     images = np.random.default_rng(0).uniform(0, 255, (4, TINY_SIZE, TINY_SIZE, 3))

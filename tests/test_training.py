@@ -12,7 +12,8 @@ from transfer.backbones import cut_index, get_spec
 from transfer.cache import CachedFeeds
 from transfer.config import Phase
 from transfer.model import backbone_of, build_classifier, load_model, set_trainable
-from transfer.train import fit_phases, train
+from transfer.pipeline import train
+from transfer.train import fit_phases
 
 
 def _weights_by_layer(backbone):

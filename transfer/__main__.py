@@ -1,5 +1,3 @@
-import sys
+from transfer.cli import run
 
-from transfer.cli import main
-
-sys.exit(main())
+run()

@@ -11,12 +11,6 @@ import re
 
 log = logging.getLogger(__name__)
 
-# ImageNet statistics in 0-255 RGB, as keras.applications.imagenet_utils uses them.
-IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
-TORCH_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-TORCH_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
-PREPROCESSING_MODES = ("caffe", "tf", "torch", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,27 +136,6 @@ def get_spec(name):
         raise ValueError(
             f"Unknown backbone {name!r}. Valid backbones: {', '.join(BACKBONES)}."
         ) from None
-
-
-def preprocessing_layers(mode):
-    """Keras layers that turn raw 0-255 RGB into what a backbone of `mode` expects."""
-    import keras
-
-    from transfer.layers import CaffePreprocessing
-
-    if mode == "caffe":
-        return [CaffePreprocessing(name="preprocess_caffe")]
-    if mode == "tf":
-        return [keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess_tf")]
-    if mode == "torch":
-        variance = [std**2 for std in TORCH_STD_RGB]
-        return [keras.layers.Normalization(
-            mean=list(TORCH_MEAN_RGB), variance=variance, name="preprocess_torch")]
-    if mode == "none":
-        return []
-    raise ValueError(
-        f"Unknown preprocessing mode {mode!r}; expected one of {', '.join(PREPROCESSING_MODES)}."
-    )
 
 
 def cut_index(backbone, prefix):

@@ -5,16 +5,16 @@ The only module that prints.
 
 import argparse
 import io
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from transfer.config import CLASS_WEIGHT_MODES, FLIP_MODES, WEIGHT_CHOICES
-from transfer.distribute import PRECISIONS, STRATEGIES
-
 log = logging.getLogger("transfer")
+
+
+def run():
+    """The `transfer` console script (also `python -m transfer`)."""
+    sys.exit(main())
 
 
 def main(argv=None):
@@ -23,7 +23,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if isinstance(sys.stdout, io.TextIOWrapper):  # print file names as they are, even non-UTF-8
         sys.stdout.reconfigure(errors="surrogateescape")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.command is not cmd_check:  # the one command that needs no TensorFlow
+        from transfer.quiet import import_tensorflow
+
+        import_tensorflow()
     try:
         return args.command(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as error:
@@ -43,53 +46,7 @@ def build_parser():
                                 description="Settings: defaults < --config file < options.")
     train.set_defaults(command=cmd_train)
     train.add_argument("--config", help="YAML or JSON file of settings (keys as the options)")
-    train.add_argument("--data", help="data set name (under $TRANSFER_DATA_HOME or data/) or "
-                                      "folder holding train/<class>/*")
-    train.add_argument("--backbone", help="backbone name; see `python -m transfer backbones`")
-    train.add_argument("--weights", help=WEIGHT_CHOICES)
-    train.add_argument("--image-size", type=int, help="input size (default: the backbone's)")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--epochs", type=int, help="phase 1 (head) epochs")
-    train.add_argument("--learning-rate", type=float, help="phase 1 learning rate")
-    train.add_argument("--fine-tune-epochs", type=int, help="phase 2 epochs; 0 skips phase 2")
-    train.add_argument("--fine-tune-learning-rate", type=float, help="phase 2 learning rate")
-    train.add_argument("--fine-tune-from", help="layer-name prefix to fine-tune from "
-                                                "(default: the backbone table's cut)")
-    train.add_argument("--dropout", type=float)
-    train.add_argument("--patience", type=int, help="early-stopping patience in epochs")
-    train.add_argument("--validation-split", type=float,
-                       help="validation fraction when there is no validation/ folder")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                       help="augment training images (default: on)")
-    train.add_argument("--flip", choices=FLIP_MODES)
-    for name in ("rotation", "zoom", "translation", "contrast"):
-        train.add_argument(f"--{name}", type=float, help=f"{name} augmentation factor")
-    train.add_argument("--class-weights", choices=CLASS_WEIGHT_MODES,
-                       help="auto (default): balance the loss over classes when they are "
-                            "imbalanced; balanced: always; none: never")
-    train.add_argument("--runs-dir", help="where run directories go (default: runs)")
-    train.add_argument("--evaluate", action=argparse.BooleanOptionalAction,
-                       help="write the evaluation report (report.html, metrics.json) on the "
-                            "validation images at the end (default: on)")
-    train.add_argument("--strategy", choices=STRATEGIES,
-                       help="tf.distribute strategy (default auto: mirrored on more than one "
-                            "GPU)")
-    train.add_argument("--precision", choices=PRECISIONS,
-                       help="mixed: float16 compute on GPUs (default float32)")
-    train.add_argument("--jit", action=argparse.BooleanOptionalAction,
-                       help="compile with XLA (GPUs; default off)")
-    train.add_argument("--cache", action=argparse.BooleanOptionalAction,
-                       help="train on cached outputs of the frozen layers (default: on); "
-                            "--no-cache runs the frozen backbone in every step")
-    train.add_argument("--cache-views", type=int,
-                       help="augmented views of each training image to cache (default: 2)")
-    train.add_argument("--cache-memory-mb", type=int,
-                       help="decoded images beyond this go to a file cache in the run "
-                            "directory (default: 2048)")
-    train.add_argument("--cache-disk-mb", type=int,
-                       help="size limit of the feature caches in $TRANSFER_CACHE_HOME; the "
-                            "least recently used are removed first (default: 8192)")
+    add_settings(train)
     train.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                        help="continue an interrupted run with its own config and split "
                             "(default: the newest unfinished run of --data, or of the --config "
@@ -170,6 +127,26 @@ def build_parser():
     return parser
 
 
+def add_settings(parser):
+    """An option per TrainConfig field, as the field declares it: --fine-tune-epochs for
+    fine_tune_epochs, --augment/--no-augment for a bool. Defaults stay None ("not given"), so
+    a config file's value is only overridden by an option actually typed."""
+    import dataclasses
+
+    from transfer.config import TrainConfig, value_type
+
+    for field in dataclasses.fields(TrainConfig):
+        kind, default = value_type(field), field.default
+        shown = ("on" if default else "off") if kind is bool else default
+        help_text = field.metadata["help"] + ("" if default is None else f" (default: {shown})")
+        option = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(option, type=kind, choices=field.metadata["choices"],
+                                help=help_text)
+
+
 def cmd_train(args):
     from transfer import config
 
@@ -185,7 +162,8 @@ def cmd_train(args):
             raise ValueError(f"--resume continues a run with its own settings; drop "
                              f"{', '.join('--' + key.replace('_', '-') for key in given)}.")
         from transfer.data import dataset_name
-        from transfer.train import latest_run, resume
+        from transfer.pipeline import resume
+        from transfer.runs import latest_run
 
         run_dir = args.resume
         if run_dir == "latest":
@@ -197,7 +175,7 @@ def cmd_train(args):
     settings = config.load_file(args.config) if args.config else None
     cfg = config.resolve(settings, overrides)
 
-    from transfer.train import train
+    from transfer.pipeline import train
 
     train(cfg, verbose)
 
@@ -260,69 +238,23 @@ def _require_positive(args, *keys):
 def cmd_export(args):
     _require_positive(args, "eval_images", "calibration_images")
     from transfer.data import dataset_name
-    from transfer.export import export_savedmodel
-    from transfer.files import write_atomic
-    from transfer.model import load_model
-    from transfer.train import latest_run
+    from transfer.pipeline import export_run
+    from transfer.runs import latest_run
 
     run_dir = (Path(args.run) if args.run
                else latest_run(Path(args.runs_dir) / dataset_name(args.data)))
-    model_file = run_dir / "model.keras"
-    if not model_file.is_file():
-        raise FileNotFoundError(f"{model_file} does not exist; expected a run directory of "
-                                "`python -m transfer train`.")
-    run_config = json.loads((run_dir / "config.json").read_text())
-    classes = json.loads((run_dir / "classes.json").read_text())
-    name = (args.name or run_config.get("data_name")  # older runs: their data folder's name
-            or Path(dataset_name(run_config["data_dir"])).name)
-    model = load_model(model_file)
-    size = model.input_shape[1]
-    formats = [f for f in args.format if f != "savedmodel"]
-    # Conversions are measured on --eval-images; the SavedModel alone is checked on a few.
-    check_images, check_labels = _split_images(run_dir, "validation", size,
-                                               args.eval_images if formats else 8)
-    target = export_savedmodel(model, classes, Path(args.output) / name,
-                               sample_images=check_images[:8], config=run_config)
-    if formats:
-        from transfer import formats as conversions
+    target, reports = export_run(run_dir, args.name, args.output,
+                                 [f for f in args.format if f != "savedmodel"],
+                                 args.eval_images, args.calibration_images)
+    if reports is not None:
+        from transfer.formats import table
 
-        calibration, _ = _split_images(run_dir, "train", size, args.calibration_images)
-        extra = target / "assets.extra"
-        write_atomic(extra / "labels.txt", "\n".join(classes) + "\n")
-        written = conversions.convert(model, formats, extra, calibration)
-        reports = conversions.evaluate({"savedmodel": target, **written}, check_images,
-                                       check_labels)
-        conversions.write_report(reports, extra / "formats.json")
-        print(conversions.table(reports))
+        print(table(reports))
         failed = [r.describe_failure() for r in reports if not r.ok()]
         if failed:
             raise ValueError(f"{'; '.join(failed)}. The files are kept; the numbers are in "
-                             f"{extra / 'formats.json'}.")
+                             f"{target / 'assets.extra' / 'formats.json'}.")
     print(target)
-
-
-def _split_images(run_dir, split, size, count, seed=0):
-    """Up to `count` decoded images of a run's split (seeded sample) and their labels."""
-    import numpy as np
-
-    from transfer.images import ImageError, load_image
-    from transfer.train import read_split
-
-    files = read_split(run_dir)[1][split]
-    picks = range(len(files))
-    if len(files) > count:
-        picks = sorted(np.random.default_rng(seed).choice(len(files), count, replace=False))
-    images, labels = [], []
-    for i in picks:
-        try:
-            images.append(load_image(files.paths[i], size))
-            labels.append(files.labels[i])
-        except ImageError:
-            continue
-    if not images:
-        raise FileNotFoundError(f"None of the {split} images listed in {run_dir}/split.csv "
-                                "can be read; the export cannot be checked.")
-    return np.stack(images).astype("float32"), np.asarray(labels)
 
 
 def cmd_serve(args):

@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import types
 from pathlib import Path
+
+from transfer.distribute import PRECISIONS, STRATEGIES
 
 FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 CLASS_WEIGHT_MODES = ("auto", "balanced", "none")
@@ -19,38 +22,58 @@ class Phase:
     unfreeze_from: str | None
 
 
+def setting(default, help, choices=None):
+    """A TrainConfig field and everything about it: its default, its help text and, where it
+    has them, its choices. The command line's options are built from these (cli.py)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    data: str = "cats_dogs"
-    backbone: str = "mobilenetv2"
-    weights: str = "imagenet"
-    image_size: int | None = None  # None: the backbone's default size
-    batch_size: int = 32
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    fine_tune_epochs: int = 10
-    fine_tune_learning_rate: float = 1e-5
-    fine_tune_from: str | None = None  # None: the backbone table's cut
-    dropout: float = 0.2
-    patience: int = 3
-    validation_split: float = 0.2  # used only when the data set has no validation/ folder
-    seed: int = 1337
-    class_weights: str = "auto"  # auto: balance the classes only when they are imbalanced
-    augment: bool = True
-    flip: str = "horizontal"
-    rotation: float = 0.1
-    zoom: float = 0.1
-    translation: float = 0.1
-    contrast: float = 0.1
-    runs_dir: str = "runs"
-    evaluate: bool = True  # write the evaluation report on the validation images at the end
-    strategy: str = "auto"  # see transfer.distribute.STRATEGIES
-    precision: str = "float32"  # or "mixed" (GPUs)
-    jit: bool = False  # XLA (GPUs)
-    cache: bool = True  # False: the frozen backbone runs in every training step
-    cache_views: int = 2  # augmented views of each training image in the feature caches
-    cache_memory_mb: int = 2048  # decoded images beyond this go to a file cache in the run
-    cache_disk_mb: int = 8192  # feature caches in $TRANSFER_CACHE_HOME, oldest evicted
+    """Every training setting, declared once: the config file's key, the option's name
+    (--fine-tune-epochs for fine_tune_epochs) and the saved config.json's key."""
+
+    data: str = setting("cats_dogs", "data set name (under $TRANSFER_DATA_HOME or data/) or "
+                                     "folder holding train/<class>/*")
+    backbone: str = setting("mobilenetv2", "backbone name; see `transfer backbones`")
+    weights: str = setting("imagenet", WEIGHT_CHOICES)
+    image_size: int | None = setting(None, "input size (default: the backbone's)")
+    batch_size: int = setting(32, "images per training step (per replica)")
+    epochs: int = setting(10, "phase 1 (head) epochs")
+    learning_rate: float = setting(1e-3, "phase 1 learning rate")
+    fine_tune_epochs: int = setting(10, "phase 2 epochs; 0 skips phase 2")
+    fine_tune_learning_rate: float = setting(1e-5, "phase 2 learning rate")
+    fine_tune_from: str | None = setting(None, "layer-name prefix to fine-tune from "
+                                               "(default: the backbone table's cut)")
+    dropout: float = setting(0.2, "dropout before the head's Dense layer")
+    patience: int = setting(3, "early-stopping patience in epochs")
+    validation_split: float = setting(0.2, "validation fraction when there is no "
+                                           "validation/ folder")
+    seed: int = setting(1337, "seed of the split, shuffling, augmentation and initial weights")
+    class_weights: str = setting("auto", "auto: balance the loss over classes when they are "
+                                         "imbalanced; balanced: always; none: never",
+                                 CLASS_WEIGHT_MODES)
+    augment: bool = setting(True, "augment training images")
+    flip: str = setting("horizontal", "random flips of training images", FLIP_MODES)
+    rotation: float = setting(0.1, "rotation augmentation factor")
+    zoom: float = setting(0.1, "zoom augmentation factor")
+    translation: float = setting(0.1, "translation augmentation factor")
+    contrast: float = setting(0.1, "contrast augmentation factor")
+    runs_dir: str = setting("runs", "where run directories go")
+    evaluate: bool = setting(True, "write the evaluation report (report.html, metrics.json) on "
+                                   "the validation images at the end")
+    strategy: str = setting("auto", "tf.distribute strategy (auto: mirrored on more than one "
+                                    "GPU)", STRATEGIES)
+    precision: str = setting("float32", "mixed: float16 compute on GPUs", PRECISIONS)
+    jit: bool = setting(False, "compile with XLA (GPUs)")
+    cache: bool = setting(True, "train on cached outputs of the frozen layers; --no-cache runs "
+                                "the frozen backbone in every step")
+    cache_views: int = setting(2, "augmented views of each training image to cache")
+    cache_memory_mb: int = setting(2048, "decoded images beyond this go to a file cache in "
+                                         "the run directory")
+    cache_disk_mb: int = setting(8192, "size limit of the feature caches in "
+                                       "$TRANSFER_CACHE_HOME; the least recently used are "
+                                       "removed first")
 
     def phases(self, cut):
         """Phase 1 on the frozen backbone, then phase 2 from `cut` unless it has 0 epochs."""
@@ -67,9 +90,11 @@ class TrainConfig:
         spec = get_spec(self.backbone)  # an unknown name lists the valid ones
         if self.image_size is not None:
             spec.check_size(self.image_size)
-        if self.class_weights not in CLASS_WEIGHT_MODES:
-            raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHT_MODES)}; "
-                             f"received {self.class_weights!r}.")
+        for field in dataclasses.fields(self):
+            choices = field.metadata["choices"]
+            if choices and getattr(self, field.name) not in choices:
+                raise ValueError(f"{field.name} must be one of {', '.join(choices)}; "
+                                 f"received {getattr(self, field.name)!r}.")
         for key in ("batch_size", "epochs", "patience", "cache_views"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive integer; received {getattr(self, key)}.")
@@ -86,14 +111,6 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1); received {self.dropout}.")
         if not 0 < self.validation_split < 1:
             raise ValueError(f"validation_split must be in (0, 1); received {self.validation_split}.")
-        from transfer.distribute import PRECISIONS, STRATEGIES
-
-        for key, choices in (("strategy", STRATEGIES), ("precision", PRECISIONS)):
-            if getattr(self, key) not in choices:
-                raise ValueError(f"{key} must be one of {', '.join(choices)}; "
-                                 f"received {getattr(self, key)!r}.")
-        if self.flip not in FLIP_MODES:
-            raise ValueError(f"flip must be one of {', '.join(FLIP_MODES)}; received {self.flip!r}.")
         for key in ("rotation", "zoom", "translation", "contrast"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key} must be in [0, 1); received {getattr(self, key)}.")
@@ -112,6 +129,13 @@ class TrainConfig:
 
 def field_names():
     return [field.name for field in dataclasses.fields(TrainConfig)]
+
+
+def value_type(field):
+    """The type a field's values have: int for `int | None`."""
+    if isinstance(field.type, types.UnionType):
+        return next(t for t in field.type.__args__ if t is not type(None))
+    return field.type
 
 
 def load_file(path):
@@ -159,10 +183,9 @@ def resolve(file_settings=None, overrides=None):
 
 
 def _check_types(settings):
-    defaults = TrainConfig()
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
     for key, value in settings.items():
-        default = getattr(defaults, key)
-        expected = type(default) if default is not None else (int if key == "image_size" else str)
+        expected = value_type(fields[key])
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             settings[key] = float(value)
         elif expected is float and isinstance(value, str) and _is_number(value):

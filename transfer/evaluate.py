@@ -7,7 +7,6 @@ The page needs no network: its images are files beside it.
 """
 
 import concurrent.futures
-import html
 import json
 import logging
 from pathlib import Path
@@ -23,24 +22,11 @@ GALLERY = 12  # images in the gallery of confident mistakes
 GRADCAM_SAMPLES = 6  # correct and wrong images each, with Grad-CAM
 
 
-def load_run_model(path):
-    """(classifier, classes, run directory or None) from a run directory or its model.keras."""
-    from transfer.predict import load_keras
-
-    path = Path(path)
-    model_file = path / "model.keras" if path.is_dir() else path
-    if model_file.suffix != ".keras" or not model_file.is_file():
-        raise FileNotFoundError(f"{path} is not a trained Keras model; expected a run directory "
-                                "holding model.keras, or the .keras file (Grad-CAM and feature "
-                                "maps need the Keras model, not a SavedModel).")
-    run_dir = model_file.parent if (model_file.parent / "config.json").is_file() else None
-    return *load_keras(model_file), run_dir
-
-
 def evaluate_folder(model_path, folder, output=None):
     """Evaluate on folder/<class>/* images; returns the output folder (default: the run
     directory, or the folder of the .keras file)."""
     from transfer.check import cache_file_for, check_split, extra_folders
+    from transfer.runs import load_run_model
 
     model, classes, run_dir = load_run_model(model_path)
     folder = Path(folder)
@@ -67,7 +53,9 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
     """Write metrics.json, report.html and its PNGs into output; returns output."""
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
+    from transfer.explain import gradcam, overlay
     from transfer.images import load_image
+    from transfer.runs import read_history
 
     if not paths:
         raise ValueError("No readable images to evaluate on; expected <folder>/<class>/*.jpg.")
@@ -104,8 +92,6 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
     figures["confusion_matrix"] = plot_confusion_matrix(matrix, classes,
                                                         output / "confusion_matrix.png")
     if run_dir is not None and (run_dir / "history.csv").is_file():
-        from transfer.train import read_history
-
         figures["learning_curves"] = plot_learning_curves(read_history(run_dir / "history.csv"),
                                                           output / "learning_curves.png")
     if len(wrong):
@@ -154,51 +140,6 @@ def class_scores(labels, predicted, classes):
     per_class = {name: {key: float(value) for key, value in report[name].items()}
                  if name in report else absent for name in classes}
     return per_class, {key: float(value) for key, value in report["macro avg"].items()}
-
-
-def gradcam(model, images, class_indices, layer=None):
-    """Grad-CAM heatmaps [N, h, w] in [0, 1] for each image's class: the class logit's
-    gradient, averaged per channel, weighs the channels of a backbone layer's output. The
-    layer is the backbone table's Grad-CAM layer (default: the backbone's output)."""
-    import tensorflow as tf
-
-    from transfer.backbones import BACKBONES
-    from transfer.model import backbone_of, image_model, pooled_from
-
-    backbone = backbone_of(model)
-    if layer is None:
-        spec = next((s for s in BACKBONES.values() if model.name == f"transfer_{s.name}"), None)
-        layer = (spec and spec.gradcam_layer) or backbone.layers[-1].name
-    tensor = backbone.get_layer(layer).output
-    features = image_model(model, tensor)(images)
-    pooled = pooled_from(model, tensor)
-    dense = model.get_layer("probabilities")
-    with tf.GradientTape() as tape:
-        tape.watch(features)
-        # the dense layer's own dtype: pooled features are float16 under mixed precision
-        pooled_features = tf.cast(pooled(features), dense.kernel.dtype)
-        logits = tf.matmul(pooled_features, dense.kernel) + dense.bias
-        scores = tf.gather(logits, np.asarray(class_indices), axis=1, batch_dims=1)
-    gradients = tape.gradient(scores, features)
-    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    maps = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1)).numpy()
-    peaks = maps.max(axis=(1, 2), keepdims=True)
-    return maps / np.where(peaks > 0, peaks, 1)
-
-
-def overlay(images, heatmaps, alpha=0.45):
-    """The heatmaps, resized and coloured (jet), over 0-255 images: uint8 [N, H, W, 3]."""
-    from matplotlib import colormaps
-    from PIL import Image
-
-    size = images.shape[1:3][::-1]
-    out = []
-    for image, heatmap in zip(images, heatmaps):
-        resized = np.asarray(Image.fromarray(np.uint8(255 * heatmap)).resize(
-            size, Image.Resampling.BILINEAR)) / 255
-        colour = colormaps["jet"](resized)[..., :3] * 255
-        out.append(np.uint8((1 - alpha) * image + alpha * colour))
-    return np.stack(out)
 
 
 def _pyplot():
@@ -362,23 +303,17 @@ def plot_feature_maps(model, before, image, path, channels=8):
 
 
 def write_report(metrics, figures, path, before_note=None):
-    """report.html: the numbers of metrics.json and the figures (files beside it)."""
-    e = html.escape
+    """report.html, from the package's template: the numbers of metrics.json and the figures
+    (files beside it), each in its section."""
+    import jinja2
 
-    def number(value):
-        return "&ndash;" if value is None else f"{value:.3f}"  # a class with no images here
-
-    rows = "".join(
-        f"<tr><td>{e(name)}</td><td>{number(m['precision'])}</td><td>{number(m['recall'])}</td>"
-        f"<td>{number(m['f1-score'])}</td><td>{int(m['support'])}</td></tr>"
-        for name, m in metrics["per_class"].items())
-    macro = metrics["macro_avg"]
     sections = {
         "confusion_matrix": ("Confusion matrix", "Where it fails: counts, and each true class's "
                                                  "row as rates."),
         "learning_curves": ("Learning curves", "Both phases; the dashed line is where "
                                                "fine-tuning starts."),
-        "top_losses": ("Most confidently wrong", "The mistakes the model was surest of."),
+        "top_losses": ("Most confidently wrong", "The mistakes the model was surest of."
+                       if "top_losses" in figures else "No image was classified wrongly."),
         "gradcam": ("What it looks at (Grad-CAM)", "Red is where the evidence for the predicted "
                                                    "class is: confident right answers, then "
                                                    "mistakes."),
@@ -389,46 +324,11 @@ def write_report(metrics, figures, path, before_note=None):
                                             ", before and after training (layers below the "
                                             "fine-tuning cut do not change)") + "."),
     }
-    if "top_losses" not in figures:
-        sections["top_losses"] = ("Most confidently wrong", "No image was classified wrongly.")
-    blocks = "".join(
-        f'<section id="{key.replace("_", "-")}"><h2>{e(title)}</h2><p>{e(text)}</p>'
-        + (f'<img src="{e(Path(figures[key]).name)}" alt="{e(title)}">' if key in figures
-           else "") + "</section>"
-        for key, (title, text) in sections.items() if key in figures or key == "top_losses")
-    auc = (f"<li>ROC AUC: <b>{metrics['roc_auc']:.4f}</b></li>"
-           if metrics["roc_auc"] is not None else "")
-    aside = (f"<li>{len(metrics['set_aside'])} file(s) set aside (unreadable; listed in "
-             "metrics.json)</li>" if metrics["set_aside"] else "")
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Evaluation: accuracy {metrics['accuracy']:.4f}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
-       color: #222; line-height: 1.45; }}
-img {{ max-width: 100%; height: auto; border: 1px solid #ddd; }}
-table {{ border-collapse: collapse; }} td, th {{ padding: 0.25em 0.8em; text-align: right;
-border-bottom: 1px solid #eee; }} td:first-child, th:first-child {{ text-align: left; }}
-section {{ margin-top: 2.5em; }}
-</style></head>
-<body>
-<h1>Evaluation</h1>
-<ul id="summary"><li>{metrics['images']} images, accuracy <b>{metrics['accuracy']:.4f}</b></li>
-{auc}{aside}</ul>
-<table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>
-<th>support</th></tr>{rows}<tr><td><i>macro average</i></td><td>{macro['precision']:.3f}</td>
-<td>{macro['recall']:.3f}</td><td>{macro['f1-score']:.3f}</td>
-<td>{int(macro['support'])}</td></tr></table>
-{blocks}
-<script>
-window.addEventListener("load", () => {{
-  const images = [...document.images];
-  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.images = images.length;
-}});
-</script>
-</body></html>
-"""
+    shown = [{"id": key.replace("_", "-"), "title": title, "text": text,
+              "image": Path(figures[key]).name if key in figures else None}
+             for key, (title, text) in sections.items() if key in figures or key == "top_losses"]
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("transfer"),
+                                     autoescape=True, undefined=jinja2.StrictUndefined)
+    page = environment.get_template("report.html").render(metrics=metrics, sections=shown)
     write_atomic(path, page)
     return path

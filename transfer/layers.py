@@ -1,11 +1,17 @@
-"""Custom layers: "caffe" preprocessing (serializable, never a Lambda) and a fused augmentation."""
+"""Layers: the preprocessing of each backbone mode (serializable, never a Lambda) and a fused
+augmentation."""
 
 import math
 
 import keras
 from keras import ops
 
-from transfer.backbones import IMAGENET_MEAN_RGB
+# ImageNet statistics in 0-255 RGB, as keras.applications.imagenet_utils uses them.
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+TORCH_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+TORCH_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+PREPROCESSING_MODES = ("caffe", "tf", "torch", "none")  # the backbone table's preprocessing
 
 
 @keras.saving.register_keras_serializable(package="transfer")
@@ -19,6 +25,23 @@ class CaffePreprocessing(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+def preprocessing_layers(mode):
+    """Keras layers that turn raw 0-255 RGB into what a backbone of `mode` expects."""
+    if mode == "caffe":
+        return [CaffePreprocessing(name="preprocess_caffe")]
+    if mode == "tf":
+        return [keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess_tf")]
+    if mode == "torch":
+        variance = [std**2 for std in TORCH_STD_RGB]
+        return [keras.layers.Normalization(
+            mean=list(TORCH_MEAN_RGB), variance=variance, name="preprocess_torch")]
+    if mode == "none":
+        return []
+    raise ValueError(
+        f"Unknown preprocessing mode {mode!r}; expected one of {', '.join(PREPROCESSING_MODES)}."
+    )
 
 
 class RandomAffine(keras.layers.Layer):

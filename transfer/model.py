@@ -4,7 +4,8 @@ import logging
 
 import keras
 
-from transfer.backbones import cut_index, preprocessing_layers
+from transfer.backbones import cut_index
+from transfer.layers import preprocessing_layers
 
 log = logging.getLogger(__name__)
 

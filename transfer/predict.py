@@ -14,18 +14,6 @@ MODEL_FORMATS = ("a .keras file with classes.json beside it", "a run directory h
                  "a SavedModel version folder", "a SavedModel model folder of integer versions")
 
 
-def load_keras(model_file):
-    """(the Keras classifier, its class names) from a .keras file and the classes.json that
-    its training run wrote beside it."""
-    from transfer.model import load_model
-
-    classes_file = Path(model_file).parent / "classes.json"
-    if not classes_file.is_file():
-        raise FileNotFoundError(f"{classes_file} is missing; a .keras model needs the "
-                                "classes.json its training run wrote beside it.")
-    return load_model(model_file), json.loads(classes_file.read_text())
-
-
 class Predictor:
     """A trained classifier from a .keras file or an exported SavedModel."""
 
@@ -53,6 +41,8 @@ class Predictor:
             raise ValueError(f"{path} is not a model; expected {', '.join(MODEL_FORMATS)}.")
 
     def _load_keras(self, path):
+        from transfer.runs import load_keras
+
         model, self.classes = load_keras(path)
         self.model = model
         self.image_size = model.input_shape[1]
@@ -179,7 +169,7 @@ def explain(predictor, rows, folder, batch_size=32):
     and add its path to the row as "explanation"."""
     from PIL import Image
 
-    from transfer.evaluate import gradcam, overlay
+    from transfer.explain import gradcam, overlay
 
     predictor.require_keras("Grad-CAM")
     folder = Path(folder)

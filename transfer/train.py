@@ -1,17 +1,14 @@
-"""train() and resume(): a run directory, checked data, and fit_phases() over Phase objects.
+"""Training a classifier in its run directory: fit_phases() over Phase objects, resumably.
 
-Every file in a run directory is written atomically. After each epoch the history, the best
-weights so far and Keras's BackupAndRestore checkpoint are on disk, so an interrupted run
-loses at most the epoch it was in; resume() continues it with the same split and config.
+After each epoch the history, the best weights so far and Keras's BackupAndRestore checkpoint
+are on disk, so an interrupted run loses at most the epoch it was in; calling fit_run() again
+on the same run directory continues it.
 """
 
-import csv
 import dataclasses
 import json
 import logging
 import math
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -19,118 +16,17 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transfer.files import atomic_path, write_csv, write_json
+from transfer.files import atomic_path, write_json
+from transfer.runs import read_history, write_history
 
 log = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
-                  "learning_rate")
 BEST_WEIGHTS = "best.weights.npz"
 STATE = "state.json"
 IMAGE_CACHE = "image_cache"  # decoded images that exceed the memory budget, during training
 
 
-def train(cfg, verbose="auto"):
-    """Train a classifier as `cfg` says in a new run directory, which it returns."""
-    from transfer import check, data
-    from transfer.backbones import get_spec
-
-    spec = get_spec(cfg.backbone)
-    image_size = cfg.image_size or spec.default_size
-    data_name, data_dir = data.resolve_dataset(cfg.data)
-    classes = check.class_names(data_dir / "train")
-    # Built before anything is written: missing ImageNet weights or a wrong cut stop it here.
-    strategy, jit = _devices(cfg)
-    with strategy.scope():
-        model = _build(cfg, spec, len(classes), image_size)
-
-    started = time.time()
-    reports = check.check_dataset(data_dir, classes)
-    log.info("%s (checked in %.1f s)", check.summary_line(data_name, classes, reports),
-             time.time() - started)
-    for message in check.warnings_for(reports):
-        log.warning("Warning: %s", message)
-    for path, reason in (item for report in reports for item in report.bad):
-        log.warning("Set aside %s: %s", path, reason)
-
-    train_split = _split(reports[0], classes)
-    if len(reports) == 2:
-        val_split = _split(reports[1], classes)
-        if not val_split:
-            raise ValueError(f"{data_dir / 'validation'} holds no usable images; add some, or "
-                             "remove the folder to validate on a seeded --validation-split of "
-                             "train/.")
-    else:
-        single = [cls for cls, count in reports[0].counts().items() if count < 2]
-        if single:
-            raise ValueError(f"Class(es) {', '.join(single)} have one image in train/, too few "
-                             "to be both trained and validated on; add images, or add a "
-                             "validation/<class>/ folder.")
-        train_split, val_split = data.stratified_split(train_split, cfg.validation_split, cfg.seed)
-        log.info("No validation/ folder: a seeded stratified %.0f%% of train/ validates "
-                 "(%d images)", 100 * cfg.validation_split, len(val_split))
-
-    run_dir = new_run_dir(Path(cfg.runs_dir) / data_name, cfg.backbone)
-    log.info("Run directory: %s", run_dir)
-    saved = cfg.to_dict() | {"image_size": image_size, "data_dir": os.path.abspath(data_dir),
-                             "data_name": data_name}
-    if cfg.weights_file() is not None:  # found again from any folder
-        saved["weights"] = os.path.abspath(cfg.weights_file())
-    write_json(run_dir / "config.json", saved)
-    write_json(run_dir / "classes.json", classes)
-    write_json(run_dir / "versions.json", library_versions())
-    write_csv(run_dir / "bad_files.csv", ("path", "reason"),
-              [(path, reason) for report in reports for path, reason in report.bad])
-    write_csv(run_dir / "split.csv", ("split", "path", "label"),
-              [("train", p, classes[l]) for p, l in zip(train_split.paths, train_split.labels)]
-              + [("validation", p, classes[l]) for p, l in zip(val_split.paths, val_split.labels)])
-    with strategy.scope():
-        return _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, jit)
-
-
-def resume(run_dir, verbose="auto"):
-    """Continue an interrupted run from its last completed epoch; returns the run directory."""
-    from transfer.backbones import get_spec
-    from transfer.config import field_names, resolve
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "split.csv").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory that can be resumed; expected "
-                                f"{run_dir}/config.json and split.csv from `transfer train`.")
-    if (run_dir / "summary.json").is_file():
-        raise ValueError(f"{run_dir} has finished (it has summary.json); nothing to resume.")
-    saved = json.loads((run_dir / "config.json").read_text())
-    cfg = resolve(None, {key: value for key, value in saved.items() if key in field_names()})
-    classes, splits = read_split(run_dir)
-    missing = [path for split in splits.values() for path in split.paths
-               if not Path(path).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} file(s) of this run's split are gone, e.g. "
-                                f"{missing[0]}; restore them or start a new run.")
-    spec = get_spec(cfg.backbone)
-    log.info("Resuming %s: %s on %s, %d training and %d validation images", run_dir,
-             cfg.backbone, saved["data_dir"], len(splits["train"]), len(splits["validation"]))
-    strategy, jit = _devices(cfg)
-    with strategy.scope():
-        model = _build(cfg, spec, len(classes), cfg.image_size)
-        return _run(model, cfg, spec, run_dir, classes, splits["train"], splits["validation"],
-                    verbose, jit)
-
-
-def read_split(run_dir):
-    """(class names, {"train": Split, "validation": Split}) as a run recorded them."""
-    from transfer.data import Split
-
-    classes = json.loads((Path(run_dir) / "classes.json").read_text())
-    with open(Path(run_dir) / "split.csv", newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return classes, {name: Split(tuple(r["path"] for r in rows if r["split"] == name),
-                                 tuple(classes.index(r["label"]) for r in rows
-                                       if r["split"] == name))
-                     for name in ("train", "validation")}
-
-
-def _devices(cfg):
+def devices(cfg):
     """(the tf.distribute strategy, compile()'s jit_compile), with the precision policy set."""
     from transfer.distribute import make_strategy, set_precision
 
@@ -143,7 +39,8 @@ def _devices(cfg):
     return strategy, jit
 
 
-def _build(cfg, spec, num_classes, image_size):
+def build(cfg, spec, num_classes, image_size):
+    """The classifier `cfg` describes, seeded; a fine-tuning cut that names no layer fails here."""
     from transfer.backbones import cut_index
     from transfer.model import backbone_of, build_classifier
 
@@ -155,22 +52,14 @@ def _build(cfg, spec, num_classes, image_size):
     return model
 
 
-def _split(report, classes):
-    from transfer.data import Split
-
-    pairs = [(os.path.abspath(path), label)  # the run can then be resumed from any folder
-             for label, cls in enumerate(classes) for path in report.good[cls]]
-    return Split(tuple(p for p, _ in pairs), tuple(l for _, l in pairs))
-
-
-def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, jit="auto"):
-    """Train inside the current tf.distribute strategy's scope."""
+def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, jit="auto"):
+    """Fit both phases inside the current tf.distribute strategy's scope and save
+    model.keras; returns the history of every epoch."""
     import tensorflow as tf
 
     from transfer import data
     from transfer.cache import CachedFeeds
 
-    started = time.time()
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     image_size = model.input_shape[1]
     weights = data.class_weights(train_split.labels, len(classes), cfg.class_weights)
@@ -217,9 +106,12 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, ji
     with atomic_path(run_dir / "model.keras") as temporary:
         model.save(temporary)
     shutil.rmtree(run_dir / IMAGE_CACHE, ignore_errors=True)
-    from transfer.evaluate import evaluate, plot_learning_curves
+    return history
 
-    plot_learning_curves(history, run_dir / "learning_curves.png")
+
+def write_summary(run_dir, history, seconds):
+    """summary.json, which marks a run finished: the best epoch of all, and per phase its
+    seconds, what it trained on and its best validation figures."""
     best = min(history, key=lambda row: row["val_loss"])
     phases = json.loads((run_dir / STATE).read_text()).get("phases", {})
     for name, phase in phases.items():
@@ -228,18 +120,12 @@ def _run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, ji
         phase.update(val_accuracy=phase_best["val_accuracy"], val_loss=phase_best["val_loss"])
     summary = {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
                "best_epoch": best["epoch"], "best_phase": best["phase"],
-               "epochs": len(history), "seconds": round(time.time() - started, 1),
-               "phases": phases}
+               "epochs": len(history), "seconds": round(seconds, 1), "phases": phases}
     write_json(run_dir / "summary.json", summary)
     log.info("Done in %.0f s: best val_accuracy %.4f (val_loss %.4f, %s epoch %d). Model: %s",
              summary["seconds"], best["val_accuracy"], best["val_loss"], best["phase"],
              best["epoch"], run_dir / "model.keras")
-    if cfg.evaluate:
-        with open(run_dir / "bad_files.csv", newline="", encoding="utf-8") as handle:
-            set_aside = [(row["path"], row["reason"]) for row in csv.DictReader(handle)]
-        evaluate(model, classes, val_split.paths, val_split.labels, run_dir, run_dir=run_dir,
-                 set_aside=set_aside)
-    return run_dir
+    return summary
 
 
 def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_weight=None,
@@ -339,8 +225,7 @@ class PhaseTracker(keras.callbacks.Callback):
                **{key: float(value) for key, value in (logs or {}).items()},
                "learning_rate": self.learning_rate}
         self.history.append(row)
-        write_csv(self.run_dir / "history.csv", HISTORY_FIELDS,
-                  [[r.get(field, "") for field in HISTORY_FIELDS] for r in self.history])
+        write_history(self.run_dir / "history.csv", self.history)
         if row["val_loss"] < self.best_loss:
             self.best_loss = row["val_loss"]
             save_weights(self.classifier, self.run_dir / BEST_WEIGHTS)
@@ -373,50 +258,3 @@ def _backed_up_epoch(backup_dir):
             except (ValueError, KeyError):
                 continue
     return None
-
-
-def read_history(path):
-    if not Path(path).is_file():
-        return []
-    with open(path, newline="") as handle:
-        return [{key: (value if key == "phase" else int(value) if key == "epoch" else float(value))
-                 for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
-
-
-def new_run_dir(parent, backbone):
-    """A new, empty runs/<data>/<timestamp>-<backbone>/ directory."""
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for suffix in [""] + [f"-{i}" for i in range(1, 100)]:
-        run_dir = parent / f"{stamp}-{backbone}{suffix}"
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"Could not create a new run directory under {parent}.")
-
-
-def latest_run(parent, finished=True):
-    """The newest finished (or, with finished=False, unfinished but resumable: it has its
-    split.csv) run directory under parent."""
-    runs = [p for p in Path(parent).glob("*") if (p / "config.json").is_file()
-            and (p / "summary.json").is_file() == finished
-            and (finished or (p / "split.csv").is_file())]
-    if not runs:
-        kind = "finished" if finished else "unfinished"
-        raise FileNotFoundError(f"No {kind} run under {parent}; expected {parent}/<run>/ from "
-                                "`make train DATA=<name>`.")
-    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
-
-
-def library_versions():
-    import importlib.metadata
-
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("tensorflow", "keras", "numpy", "pillow", "scikit-learn", "matplotlib"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions

@@ -1,0 +1,170 @@
+"""The steps of a run, in order: check the data, train, evaluate; and export a finished run.
+
+The one module that calls the others in sequence; none of them reaches back up into it or
+into each other's steps. The command line (transfer.cli) calls these functions.
+"""
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from transfer.files import write_atomic, write_json
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg, verbose="auto"):
+    """Train a classifier as `cfg` says in a new run directory, which it returns."""
+    from transfer import check, data, runs
+    from transfer.backbones import get_spec
+    from transfer.train import build, devices
+
+    spec = get_spec(cfg.backbone)
+    image_size = cfg.image_size or spec.default_size
+    data_name, data_dir = data.resolve_dataset(cfg.data)
+    classes = check.class_names(data_dir / "train")
+    # Built before anything is written: missing ImageNet weights or a wrong cut stop it here.
+    strategy, jit = devices(cfg)
+    with strategy.scope():
+        model = build(cfg, spec, len(classes), image_size)
+
+    started = time.time()
+    reports = check.check_dataset(data_dir, classes)
+    log.info("%s (checked in %.1f s)", check.summary_line(data_name, classes, reports),
+             time.time() - started)
+    for message in check.warnings_for(reports):
+        log.warning("Warning: %s", message)
+    for path, reason in (item for report in reports for item in report.bad):
+        log.warning("Set aside %s: %s", path, reason)
+
+    train_split = _split(reports[0], classes)
+    if len(reports) == 2:
+        val_split = _split(reports[1], classes)
+        if not val_split:
+            raise ValueError(f"{data_dir / 'validation'} holds no usable images; add some, or "
+                             "remove the folder to validate on a seeded --validation-split of "
+                             "train/.")
+    else:
+        single = [cls for cls, count in reports[0].counts().items() if count < 2]
+        if single:
+            raise ValueError(f"Class(es) {', '.join(single)} have one image in train/, too few "
+                             "to be both trained and validated on; add images, or add a "
+                             "validation/<class>/ folder.")
+        train_split, val_split = data.stratified_split(train_split, cfg.validation_split, cfg.seed)
+        log.info("No validation/ folder: a seeded stratified %.0f%% of train/ validates "
+                 "(%d images)", 100 * cfg.validation_split, len(val_split))
+
+    run_dir = runs.new_run_dir(Path(cfg.runs_dir) / data_name, cfg.backbone)
+    log.info("Run directory: %s", run_dir)
+    saved = cfg.to_dict() | {"image_size": image_size, "data_dir": os.path.abspath(data_dir),
+                             "data_name": data_name}
+    if cfg.weights_file() is not None:  # found again from any folder
+        saved["weights"] = os.path.abspath(cfg.weights_file())
+    write_json(run_dir / "config.json", saved)
+    write_json(run_dir / "classes.json", classes)
+    write_json(run_dir / "versions.json", runs.library_versions())
+    runs.write_bad_files(run_dir, [item for report in reports for item in report.bad])
+    runs.write_split(run_dir, classes, {"train": train_split, "validation": val_split})
+    with strategy.scope():
+        return _train_and_evaluate(model, cfg, spec, run_dir, classes, train_split, val_split,
+                                   verbose, jit)
+
+
+def resume(run_dir, verbose="auto"):
+    """Continue an interrupted run from its last completed epoch; returns the run directory."""
+    from transfer.backbones import get_spec
+    from transfer.config import field_names, resolve
+    from transfer.runs import read_split
+    from transfer.train import build, devices
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "split.csv").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory that can be resumed; expected "
+                                f"{run_dir}/config.json and split.csv from `transfer train`.")
+    if (run_dir / "summary.json").is_file():
+        raise ValueError(f"{run_dir} has finished (it has summary.json); nothing to resume.")
+    saved = json.loads((run_dir / "config.json").read_text())
+    cfg = resolve(None, {key: value for key, value in saved.items() if key in field_names()})
+    classes, splits = read_split(run_dir)
+    missing = [path for split in splits.values() for path in split.paths
+               if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} file(s) of this run's split are gone, e.g. "
+                                f"{missing[0]}; restore them or start a new run.")
+    spec = get_spec(cfg.backbone)
+    log.info("Resuming %s: %s on %s, %d training and %d validation images", run_dir,
+             cfg.backbone, saved["data_dir"], len(splits["train"]), len(splits["validation"]))
+    strategy, jit = devices(cfg)
+    with strategy.scope():
+        model = build(cfg, spec, len(classes), cfg.image_size)
+        return _train_and_evaluate(model, cfg, spec, run_dir, classes, splits["train"],
+                                   splits["validation"], verbose, jit)
+
+
+def _split(report, classes):
+    from transfer.data import Split
+
+    pairs = [(os.path.abspath(path), label)  # the run can then be resumed from any folder
+             for label, cls in enumerate(classes) for path in report.good[cls]]
+    return Split(tuple(p for p, _ in pairs), tuple(l for _, l in pairs))
+
+
+def _train_and_evaluate(model, cfg, spec, run_dir, classes, train_split, val_split, verbose,
+                        jit):
+    """Fit, then the learning curves, summary.json (the run is finished) and the report."""
+    from transfer.evaluate import evaluate, plot_learning_curves
+    from transfer.runs import read_bad_files
+    from transfer.train import fit_run, write_summary
+
+    started = time.time()
+    history = fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, jit)
+    plot_learning_curves(history, run_dir / "learning_curves.png")
+    write_summary(run_dir, history, time.time() - started)
+    if cfg.evaluate:
+        evaluate(model, classes, val_split.paths, val_split.labels, run_dir, run_dir=run_dir,
+                 set_aside=read_bad_files(run_dir))
+    return run_dir
+
+
+def export_run(run_dir, name=None, output="saved_models", formats=(), eval_images=1000,
+               calibration_images=200):
+    """Export a finished run as saved_models/<name>/<next version>/, checked against the
+    model; with formats ("tflite", "onnx") also those, each measured against it.
+
+    Returns (the version folder, the formats' reports or None); a format that misses its bar
+    is kept, and its report (formats.json) says so.
+    """
+    from transfer.data import dataset_name
+    from transfer.export import export_savedmodel
+    from transfer.model import load_model
+    from transfer.runs import sample_images
+
+    run_dir = Path(run_dir)
+    model_file = run_dir / "model.keras"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{model_file} does not exist; expected a run directory of "
+                                "`transfer train`.")
+    run_config = json.loads((run_dir / "config.json").read_text())
+    classes = json.loads((run_dir / "classes.json").read_text())
+    name = (name or run_config.get("data_name")  # older runs: their data folder's name
+            or Path(dataset_name(run_config["data_dir"])).name)
+    model = load_model(model_file)
+    size = model.input_shape[1]
+    # Conversions are measured on eval_images; the SavedModel alone is checked on a few.
+    check_images, check_labels = sample_images(run_dir, "validation", size,
+                                               eval_images if formats else 8)
+    target = export_savedmodel(model, classes, Path(output) / name,
+                               sample_images=check_images[:8], config=run_config)
+    if not formats:
+        return target, None
+    from transfer import formats as conversions
+
+    calibration, _ = sample_images(run_dir, "train", size, calibration_images)
+    extra = target / "assets.extra"
+    write_atomic(extra / "labels.txt", "\n".join(classes) + "\n")
+    written = conversions.convert(model, formats, extra, calibration)
+    reports = conversions.evaluate({"savedmodel": target, **written}, check_images, check_labels)
+    conversions.write_report(reports, extra / "formats.json")
+    return target, reports
