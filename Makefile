@@ -1,5 +1,6 @@
 # make install; make train DATA=cats_dogs [BACKBONE=...] [CONFIG=file.yaml] [ARGS="--epochs 5"]
 # make train DATA=cats_dogs RESUME=1 continues the newest interrupted run; make check DATA=...
+# DATA's layout is found from its folder (README "Data"); ARGS="--labels FILE" for a label file
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,9 @@ RUN ?=
 # paths with spaces here: use .venv/bin/transfer for those.
 IS_FOLDER := $(wildcard $(DATA)/.)
 NAME := $(if $(IS_FOLDER),$(notdir $(realpath $(DATA))),$(DATA))
-IMAGES ?= $(if $(IS_FOLDER),$(DATA),$(or $(TRANSFER_DATA_HOME),data)/$(DATA))/validation
+DATA_DIR := $(if $(IS_FOLDER),$(DATA),$(or $(TRANSFER_DATA_HOME),data)/$(DATA))
+# make predict's images: the data set's validation/ (or val/, valid/), else test/, else all of it
+IMAGES ?= $(firstword $(wildcard $(addprefix $(DATA_DIR)/,validation val valid test)) $(DATA_DIR))
 
 # With CONFIG and no DATA given, the config file's data: setting is used.
 TRAIN_FLAGS := $(if $(and $(CONFIG),$(filter file,$(origin DATA))),,--data "$(DATA)") \
@@ -33,7 +36,7 @@ train: install
 	$(TRANSFER) train $(TRAIN_FLAGS)
 
 check: install
-	$(TRANSFER) check "$(DATA)"
+	$(TRANSFER) check "$(DATA)" $(ARGS)
 
 export: install
 	$(TRANSFER) export $(if $(RUN),--run "$(RUN)",--data "$(DATA)")

@@ -14,14 +14,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRANSFER_SHARED", REPO.parent / "shared"))
 CATS_DOGS = SHARED / "datasets" / "cats_dogs"
+FLOWERS = SHARED / "datasets" / "flowers"
 MOBILENET_025 = SHARED / "keras" / "models" / "mobilenet_2_5_224_tf_no_top.h5"
+MOBILENET_V2 = (SHARED / "keras" / "models"
+                / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
 
 # Keras reads KERAS_HOME once, at import: point it, before any test imports Keras, at a fresh
 # folder whose models/ holds only the real checkpoint from ../shared (when it is there).
 KERAS_HOME = Path(tempfile.mkdtemp(prefix="transfer-keras-home-"))
 (KERAS_HOME / "models").mkdir()
-if MOBILENET_025.is_file():
-    shutil.copy(MOBILENET_025, KERAS_HOME / "models" / MOBILENET_025.name)
+for checkpoint in (MOBILENET_025, MOBILENET_V2):
+    if checkpoint.is_file():
+        (KERAS_HOME / "models" / checkpoint.name).symlink_to(checkpoint)
 os.environ["KERAS_HOME"] = str(KERAS_HOME)
 os.environ["TRANSFER_CACHE_HOME"] = tempfile.mkdtemp(prefix="transfer-cache-")
 
@@ -72,6 +76,20 @@ def real_weights():
     """Skip unless KERAS_HOME holds the real MobileNet 0.25 ImageNet checkpoint."""
     if not MOBILENET_025.is_file():
         pytest.skip(f"real ImageNet checkpoint not found at {MOBILENET_025} (../shared absent)")
+
+
+@pytest.fixture
+def real_mobilenetv2():
+    """Skip unless KERAS_HOME holds the real MobileNetV2 ImageNet checkpoint."""
+    if not MOBILENET_V2.is_file():
+        pytest.skip(f"real ImageNet checkpoint not found at {MOBILENET_V2} (../shared absent)")
+
+
+@pytest.fixture
+def real_flowers():
+    if not FLOWERS.is_dir():
+        pytest.skip(f"real data set not found at {FLOWERS} (../shared absent)")
+    return FLOWERS
 
 
 @pytest.fixture

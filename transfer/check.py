@@ -188,6 +188,7 @@ class SplitReport:
     good: dict  # class -> [path]
     bad: list  # (path, reason)
     skipped: list  # paths
+    folder: Path | None = None  # where its files are, for messages
 
     def counts(self):
         return {name: len(paths) for name, paths in self.good.items()}
@@ -217,25 +218,12 @@ def _checked(name, split_dir, listings, cache_file, require_all):
                 raise ValueError(f"Class {cls!r} in {split_dir} has no readable images: all "
                                  f"{len(listings[cls].images)} failed to decode. See "
                                  "`python -m transfer check`.")
-    return SplitReport(name, good, bad, skipped)
+    return SplitReport(name, good, bad, skipped, Path(split_dir))
 
 
-def check_dataset(data_dir, classes):
-    """A SplitReport for train/ and, when there is one, validation/, using the check cache."""
-    data_dir = Path(data_dir)
-    splits = [("train", True)]
-    if (data_dir / "validation").is_dir():
-        splits.append(("validation", False))
-    seen_files = {}  # both splits are listed before either is checked: a link may move
-    listings = [scan_split(data_dir / name, classes, require_all, seen_files)
-                for name, require_all in splits]
-    cache = cache_file_for(data_dir)
-    return [_checked(name, data_dir / name, listed, cache, require_all)
-            for (name, require_all), listed in zip(splits, listings)]
-
-
-def summary_line(data_name, classes, reports):
-    """One line: classes, images per split and class, files set aside and skipped."""
+def summary_line(data_name, classes, reports, layout=None):
+    """One line: the layout, classes, images per split and class, files set aside and
+    skipped."""
     parts = []
     for report in reports:
         counts = ", ".join(f"{cls} {n}" for cls, n in report.counts().items())
@@ -245,7 +233,7 @@ def summary_line(data_name, classes, reports):
     skipped = sum(len(report.skipped) for report in reports)
     return (f"{data_name}: {len(classes)} classes; {'; '.join(parts)}; "
             f"{len(bad)} file(s) set aside{f' ({reasons})' if bad else ''}; "
-            f"{skipped} non-image or hidden file(s) skipped")
+            f"{skipped} non-image or hidden file(s) skipped{f'; from {layout}' if layout else ''}")
 
 
 def warnings_for(reports):
@@ -253,7 +241,7 @@ def warnings_for(reports):
     messages = []
     for report in reports:
         for cls, count in report.counts().items():
-            if report.name == "train" and count < FEW_IMAGES:
+            if report.name in ("train", "images") and count < FEW_IMAGES:
                 messages.append(f"class {cls!r} has only {count} training image(s); "
                                 f"expect a poor classifier below {FEW_IMAGES}")
     return messages
@@ -268,6 +256,8 @@ def quarantine(bad, data_dir, target):
             continue  # a looping folder link is reported, not moved
         if reason.startswith(REPEATED_LINK) and not path.is_symlink():
             continue  # reached through a folder link: moving it would move the file in use
+        if not Path(os.path.normpath(path)).is_relative_to(os.path.normpath(data_dir)):
+            continue  # a label file's row naming a file elsewhere: not ours to move
         destination = Path(target) / path.relative_to(data_dir)
         if destination.exists():
             raise FileExistsError(f"{destination} exists; quarantine never overwrites. "

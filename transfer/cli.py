@@ -54,7 +54,9 @@ def build_parser():
 
     check = commands.add_parser("check", help="check every image of a data set, without training")
     check.set_defaults(command=cmd_check)
-    check.add_argument("data", help="data set name or folder")
+    check.add_argument("data", nargs="?", help="data set name or folder (with --labels: "
+                                               "where a relative label file is looked for)")
+    add_settings(check, ("labels", "label_pattern"))
     check.add_argument("--quarantine", metavar="DIR",
                        help="move the files that fail into DIR (kept, never deleted)")
 
@@ -68,7 +70,10 @@ def build_parser():
     evaluate.set_defaults(command=cmd_evaluate)
     evaluate.add_argument("--model", required=True,
                           help="a run directory or its model.keras")
-    evaluate.add_argument("data_folder", help="folder of <class>/ folders of images")
+    evaluate.add_argument("data_folder", nargs="?", help="folder of <class>/ folders of "
+                                                         "images, or of the --label-pattern "
+                                                         "files")
+    add_settings(evaluate, ("labels", "label_pattern"))
     evaluate.add_argument("--output", help="where report.html, metrics.json and the PNGs go "
                                            "(default: the run directory)")
 
@@ -127,15 +132,17 @@ def build_parser():
     return parser
 
 
-def add_settings(parser):
-    """An option per TrainConfig field, as the field declares it: --fine-tune-epochs for
-    fine_tune_epochs, --augment/--no-augment for a bool. Defaults stay None ("not given"), so
-    a config file's value is only overridden by an option actually typed."""
+def add_settings(parser, names=None):
+    """An option per TrainConfig field (or those of `names`), as the field declares it:
+    --fine-tune-epochs for fine_tune_epochs, --augment/--no-augment for a bool. Defaults stay
+    None ("not given"), so a config file's value is only overridden by an option typed."""
     import dataclasses
 
     from transfer.config import TrainConfig, value_type
 
     for field in dataclasses.fields(TrainConfig):
+        if names is not None and field.name not in names:
+            continue
         kind, default = value_type(field), field.default
         shown = ("on" if default else "off") if kind is bool else default
         help_text = field.metadata["help"] + ("" if default is None else f" (default: {shown})")
@@ -154,14 +161,15 @@ def cmd_train(args):
                  if key in config.field_names() and value is not None}
     verbose = 1 if sys.stdout.isatty() else 2
     if args.resume:
-        # The run keeps its own settings; --data, --runs-dir and a config file's data and
-        # runs_dir only say where to look for the newest unfinished run.
-        given = (sorted(set(overrides) - {"data", "runs_dir"})
+        # The run keeps its own settings; --data, --labels, --runs-dir and a config file's
+        # data, labels and runs_dir only say where to look for the newest unfinished run.
+        given = (sorted(set(overrides) - {"data", "labels", "runs_dir"})
                  + (["config"] if args.config and args.resume != "latest" else []))
         if given:
             raise ValueError(f"--resume continues a run with its own settings; drop "
                              f"{', '.join('--' + key.replace('_', '-') for key in given)}.")
         from transfer.data import dataset_name
+        from transfer.layouts import resolve
         from transfer.pipeline import resume
         from transfer.runs import latest_run
 
@@ -169,7 +177,8 @@ def cmd_train(args):
         if run_dir == "latest":
             settings = config.load_file(args.config) if args.config else None
             cfg = config.resolve(settings, overrides)  # a mistake in the file is still named
-            run_dir = latest_run(Path(cfg.runs_dir) / dataset_name(cfg.data), finished=False)
+            name = resolve(cfg.data, cfg.labels)[0] if cfg.labels else dataset_name(cfg.data)
+            run_dir = latest_run(Path(cfg.runs_dir) / name, finished=False)
         resume(run_dir, verbose)
         return
     settings = config.load_file(args.config) if args.config else None
@@ -181,20 +190,20 @@ def cmd_train(args):
 
 
 def cmd_check(args):
-    from transfer import check
-    from transfer.data import resolve_dataset
+    from transfer import check, layouts
 
-    data_name, data_dir = resolve_dataset(args.data)
-    classes = check.class_names(data_dir / "train")
-    reports = check.check_dataset(data_dir, classes)
+    if args.data is None and args.labels is None:
+        raise ValueError("Give a data set name or folder, or --labels FILE.")
+    data_name, data_dir, labels = layouts.resolve(args.data, args.labels)
+    layout, reports = layouts.check_dataset(data_dir, labels, args.label_pattern)
     bad = [item for report in reports for item in report.bad]
     for path, reason in bad:
         print(f"{path}\t{reason}")
     for message in check.warnings_for(reports):
         print(f"warning: {message}", file=sys.stderr)
-    print(check.summary_line(data_name, classes, reports))
+    print(check.summary_line(data_name, layout.classes, reports, layout.describe()))
     if args.quarantine:
-        moved = check.quarantine(bad, data_dir, Path(args.quarantine))
+        moved = check.quarantine(bad, layout.root, Path(args.quarantine))
         print(f"moved {len(moved)} file(s) to {args.quarantine}")
     return 1 if bad else 0
 
@@ -218,7 +227,8 @@ def cmd_backbones(args):
 def cmd_evaluate(args):
     from transfer.evaluate import evaluate_folder
 
-    print(evaluate_folder(args.model, args.data_folder, args.output) / "report.html")
+    print(evaluate_folder(args.model, args.data_folder, args.output, args.labels,
+                          args.label_pattern) / "report.html")
 
 
 def cmd_inspect(args):

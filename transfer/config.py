@@ -34,8 +34,14 @@ class TrainConfig:
     (--fine-tune-epochs for fine_tune_epochs) and the saved config.json's key."""
 
     data: str = setting("cats_dogs", "data set name (under $TRANSFER_DATA_HOME or data/) or "
-                                     "folder holding train/<class>/*")
+                                     "folder: <class>/* or train/<class>/* (with "
+                                     "validation/ or val/, test/)")
     backbone: str = setting("mobilenetv2", "backbone name; see `transfer backbones`")
+    labels: str | None = setting(None, "a .csv or .tsv label file (header path,label and "
+                                       "optionally split), paths relative to its folder")
+    label_pattern: str | None = setting(None, "a regular expression whose first group, "
+                                              r"found in a file's name, is its class "
+                                              r"(e.g. '^(.*)_\d+\.\w+$')")
     weights: str = setting("imagenet", WEIGHT_CHOICES)
     image_size: int | None = setting(None, "input size (default: the backbone's)")
     batch_size: int = setting(32, "images per training step (per replica)")
@@ -47,8 +53,10 @@ class TrainConfig:
                                                "(default: the backbone table's cut)")
     dropout: float = setting(0.2, "dropout before the head's Dense layer")
     patience: int = setting(3, "early-stopping patience in epochs")
-    validation_split: float = setting(0.2, "validation fraction when there is no "
-                                           "validation/ folder")
+    validation_split: float = setting(0.2, "fraction of the images that validates when "
+                                           "the data set gives no validation split")
+    test_split: float = setting(0.0, "fraction of the images kept as a test set, never "
+                                     "trained or chosen on, when the data set gives none")
     seed: int = setting(1337, "seed of the split, shuffling, augmentation and initial weights")
     class_weights: str = setting("auto", "auto: balance the loss over classes when they are "
                                          "imbalanced; balanced: always; none: never",
@@ -111,6 +119,10 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1); received {self.dropout}.")
         if not 0 < self.validation_split < 1:
             raise ValueError(f"validation_split must be in (0, 1); received {self.validation_split}.")
+        if not 0 <= self.test_split < 1 - self.validation_split:
+            raise ValueError(f"test_split must be 0 (no test set) or more, and less than 1 - "
+                             f"validation_split ({1 - self.validation_split:g}); received "
+                             f"{self.test_split}.")
         for key in ("rotation", "zoom", "translation", "contrast"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key} must be in [0, 1); received {getattr(self, key)}.")

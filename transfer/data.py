@@ -1,6 +1,6 @@
 """Data sets: find or download one, split it, weight its classes, feed it to Keras.
 
-A data set is a folder holding train/<class>/* and optionally validation/<class>/*.
+A data set is a folder; transfer.layouts finds how its images and labels are laid out.
 """
 
 import dataclasses
@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -27,20 +28,38 @@ IMBALANCE_RATIO = 1.5  # "auto" weights classes when the largest is this much bi
 
 @dataclasses.dataclass(frozen=True)
 class Download:
+    """A known data set's archive, how it is checked, and what of it is kept."""
+
     url: str
     size: int  # bytes of the archive
-    manifest_sha256: str  # sha256 of the sorted "<sha256 of file>  <relative path>" lines
-    folder: str  # the archive's top folder, holding train/ and validation/
+    folder: str  # the archive's top folder
+    layout: str  # what the unpacked data set holds, for the message when it cannot be had
+    sha256: str | None = None  # of the archive, checked before it is unpacked
+    manifest_sha256: str | None = None  # of the sorted "<file sha256>  <path>" lines of its images
+    keep: tuple | None = None  # the top folder's entries that make the data set (None: all)
 
 
-# The Keras/TensorFlow tutorials' Dogs-vs-Cats subset. Its publisher gives no checksum of the
-# archive, so the archive's size and the sha256 of every image it unpacks are checked.
 KNOWN_DATASETS = {
+    # The Keras/TensorFlow tutorials' Dogs-vs-Cats subset. Its publisher gives no checksum of
+    # the archive, so the archive's size and the sha256 of every image it unpacks are checked.
     "cats_dogs": Download(
         url="https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip",
         size=68_606_236,
-        manifest_sha256="188e6d7943cd60041e9a7382bb9e7220d993c3eff62ee900bca9acc2dca69371",
         folder="cats_and_dogs_filtered",
+        layout="train/<class>/*.jpg and validation/<class>/*.jpg",
+        manifest_sha256="188e6d7943cd60041e9a7382bb9e7220d993c3eff62ee900bca9acc2dca69371",
+        keep=("train", "validation"),
+    ),
+    # TensorFlow's flower photos (tf_flowers): 3,670 photos in 5 class folders and LICENSE.txt.
+    # Size and sha256 as TensorFlow Datasets pins them: tensorflow/datasets,
+    # tensorflow_datasets/url_checksums/tf_flowers.txt.
+    "flowers": Download(
+        url="https://storage.googleapis.com/download.tensorflow.org/example_images/"
+            "flower_photos.tgz",
+        size=228_813_984,
+        folder="flower_photos",
+        layout="<class>/*.jpg (daisy, dandelion, roses, sunflowers, tulips)",
+        sha256="4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c",
     ),
 }
 
@@ -72,8 +91,8 @@ def resolve_dataset(name_or_path):
     if path.is_dir():
         return dataset_name(name_or_path), path
     if os.sep in str(name_or_path) or name_or_path.startswith("."):
-        raise FileNotFoundError(
-            f"Data set folder {path} does not exist; expected {path}/train/<class>/*.jpg.")
+        raise FileNotFoundError(f"Data set folder {path} does not exist; expected "
+                                f"{path}/<class>/*.jpg or {path}/train/<class>/*.jpg.")
     folder = data_home() / name_or_path
     if folder.is_dir():
         return name_or_path, folder
@@ -81,46 +100,70 @@ def resolve_dataset(name_or_path):
         download_dataset(name_or_path, folder)
         return name_or_path, folder
     raise FileNotFoundError(
-        f"No data set {name_or_path!r}: {folder} does not exist. Create {folder}/train/<class>/*.jpg "
-        f"(and optionally {folder}/validation/<class>/*.jpg), set TRANSFER_DATA_HOME to the folder "
-        f"holding {name_or_path}/, or pass a folder path. Known downloadable data sets: "
-        f"{', '.join(KNOWN_DATASETS)}.")
+        f"No data set {name_or_path!r}: {folder} does not exist. Create {folder}/<class>/*.jpg "
+        f"(or {folder}/train/<class>/*.jpg, with validation/ and test/ if you have them), set "
+        f"TRANSFER_DATA_HOME to the folder holding {name_or_path}/, or pass a folder path. "
+        f"Known downloadable data sets: {', '.join(KNOWN_DATASETS)}.")
 
 
-def download_dataset(name, folder):
-    """Download, check and unpack a known data set into `folder` (train/ and validation/)."""
-    spec = KNOWN_DATASETS[name]
+def download_dataset(name, folder, spec=None):
+    """Download, check and unpack a known data set (or `spec`, a Download) into `folder`.
+
+    Nothing is moved into place before every check has passed, and a tar archive is unpacked
+    with tarfile's "data" filter: no absolute paths, links or devices leaving the folder.
+    """
+    spec = spec or KNOWN_DATASETS[name]
     folder = Path(folder)
     log.info("Downloading %s from %s", name, spec.url)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-") as tmp:
-        archive = Path(tmp) / "archive.zip"
+        archive = Path(tmp) / "archive"
         try:
             with urllib.request.urlopen(spec.url, timeout=30) as response, open(archive, "wb") as out:
                 shutil.copyfileobj(response, out)
         except (urllib.error.URLError, OSError) as error:
             raise FileNotFoundError(
                 f"Could not download data set {name!r} from {spec.url} ({error}). On a machine with "
-                f"internet, download that archive and unpack it so that {folder}/train/<class>/*.jpg "
-                f"and {folder}/validation/<class>/*.jpg exist (the archive's {spec.folder}/ folder "
-                "holds train/ and validation/), or set TRANSFER_DATA_HOME to a folder holding "
-                f"{name}/.") from None
+                f"internet, download that archive and unpack it so that {folder}/ holds "
+                f"{spec.layout} (the archive's {spec.folder}/ folder holds them), or set "
+                f"TRANSFER_DATA_HOME to a folder holding {name}/.") from None
         size = archive.stat().st_size
         if size != spec.size:
             raise ValueError(f"Downloaded {spec.url} is {size} bytes; expected {spec.size}. "
                              "Delete it and try again, or unpack a verified copy by hand.")
-        with zipfile.ZipFile(archive) as zipped:
-            zipped.extractall(tmp)
-        unpacked = Path(tmp) / spec.folder
-        digest = manifest_sha256(unpacked)
-        if digest != spec.manifest_sha256:
-            raise ValueError(f"The files unpacked from {spec.url} have sha256 manifest {digest}; "
-                             f"expected {spec.manifest_sha256}. The download is corrupt or changed.")
-        staged = Path(tmp) / "staged"
-        staged.mkdir()
-        for split in ("train", "validation"):
-            (unpacked / split).rename(staged / split)
-        staged.rename(folder)
+        if spec.sha256 is not None:
+            digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+            if digest != spec.sha256:
+                raise ValueError(f"Downloaded {spec.url} has sha256 {digest}; expected "
+                                 f"{spec.sha256}. The download is corrupt or changed.")
+        unpacked_into = Path(tmp) / "unpacked"
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(unpacked_into)
+        else:
+            try:
+                with tarfile.open(archive) as tar:
+                    tar.extractall(unpacked_into, filter="data")
+            except tarfile.TarError as error:  # FilterError too: a member leaving the folder
+                raise ValueError(f"Downloaded {spec.url} cannot be unpacked safely: "
+                                 f"{error}.") from None
+        unpacked = unpacked_into / spec.folder
+        if not unpacked.is_dir():
+            raise ValueError(f"The archive from {spec.url} has no {spec.folder}/ folder; "
+                             "it is not the data set it should be.")
+        if spec.manifest_sha256 is not None:
+            digest = manifest_sha256(unpacked)
+            if digest != spec.manifest_sha256:
+                raise ValueError(f"The files unpacked from {spec.url} have sha256 manifest "
+                                 f"{digest}; expected {spec.manifest_sha256}. The download is "
+                                 "corrupt or changed.")
+        if spec.keep is not None:
+            staged = Path(tmp) / "staged"
+            staged.mkdir()
+            for entry in spec.keep:
+                (unpacked / entry).rename(staged / entry)
+            unpacked = staged
+        unpacked.rename(folder)
     log.info("Data set %s is in %s", name, folder)
 
 
@@ -134,8 +177,8 @@ def manifest_sha256(folder):
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def stratified_split(split, fraction, seed):
-    """Seeded stratified (train, validation) split of a Split; the two never overlap."""
+def stratified_split(split, fraction, seed, part="validation"):
+    """Seeded stratified (rest, part) split of a Split; the two never overlap."""
     from sklearn.model_selection import train_test_split
 
     try:
@@ -143,10 +186,58 @@ def stratified_split(split, fraction, seed):
             list(split.paths), list(split.labels), test_size=fraction, random_state=seed,
             stratify=list(split.labels))
     except ValueError as error:  # too few images for every class to be on both sides
-        raise ValueError(f"train/ has too few images for a stratified validation split of "
-                         f"{fraction:g} ({error}). Add images, change --validation-split, or add "
-                         "a validation/<class>/ folder.") from None
+        raise ValueError(f"Too few images for a stratified {part} split of {fraction:g} "
+                         f"({error}). Add images, change --{part}-split, or add a "
+                         f"{part}/<class>/ folder.") from None
     return Split(tuple(train_paths), tuple(train_labels)), Split(tuple(val_paths), tuple(val_labels))
+
+
+def as_split(report, classes):
+    """A check.SplitReport's usable files as a Split, by absolute path (so that a run can be
+    resumed from any folder), sorted within each class: the same files, however listed (a
+    label file's rows, folders), are split the same way."""
+    pairs = [(path, label) for label, cls in enumerate(classes)
+             for path in sorted(os.path.abspath(p) for p in report.good[cls])]
+    return Split(tuple(p for p, _ in pairs), tuple(label for _, label in pairs))
+
+
+def assign_splits(reports, classes, validation_split, test_split, seed):
+    """{"train", "validation" and, when there is one, "test": Split} from checked splits.
+
+    The splits the layout gives are kept; the rest are carved from the training images,
+    seeded and stratified: the test images first (`test_split` of them), so that nothing
+    chosen on validation images ever sees them, then `validation_split` of all the images.
+    """
+    given = {report.name: report for report in reports}
+    pool = given.get("train") or next(iter(given.values()))
+    where = "train/" if pool.name == "train" else "the data set"
+    splits = {"train": as_split(pool, classes)}
+    for name in ("validation", "test"):
+        if name in given:
+            splits[name] = as_split(given[name], classes)
+            if not splits[name]:
+                raise ValueError(f"{given[name].folder} holds no usable images; add some, or "
+                                 f"remove the folder to take the {name} images from {where} "
+                                 f"(seeded: --{name}-split).")
+    if "test" in given and test_split:
+        raise ValueError(f"The data set gives its test images; drop --test-split "
+                         f"{test_split:g}, or remove its test split.")
+    single = [cls for cls, count in pool.counts().items() if count < 2]
+    if single and ("validation" not in splits or (test_split and "test" not in splits)):
+        raise ValueError(f"Class(es) {', '.join(single)} have one image in {where}, too few "
+                         "to be both trained and validated on; add images, or add a "
+                         "validation/<class>/ folder.")
+    if "test" not in splits and test_split:
+        splits["train"], splits["test"] = stratified_split(splits["train"], test_split, seed,
+                                                           "test")
+        log.info("A seeded stratified %.0f%% of %s is the test set (%d images), never trained "
+                 "or chosen on", 100 * test_split, where, len(splits["test"]))
+    if "validation" not in splits:
+        fraction = validation_split / (1 - test_split) if test_split else validation_split
+        splits["train"], splits["validation"] = stratified_split(splits["train"], fraction, seed)
+        log.info("A seeded stratified %.0f%% of %s validates (%d images)",
+                 100 * validation_split, where, len(splits["validation"]))
+    return splits
 
 
 def class_weights(labels, num_classes, mode="auto"):

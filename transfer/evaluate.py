@@ -22,51 +22,69 @@ GALLERY = 12  # images in the gallery of confident mistakes
 GRADCAM_SAMPLES = 6  # correct and wrong images each, with Grad-CAM
 
 
-def evaluate_folder(model_path, folder, output=None):
-    """Evaluate on folder/<class>/* images; returns the output folder (default: the run
-    directory, or the folder of the .keras file)."""
-    from transfer.check import cache_file_for, check_split, extra_folders
+def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=None):
+    """Evaluate on a folder's images: <class>/ folders, a label file or file-name labels;
+    returns the output folder (default: the run directory, or the .keras file's folder)."""
+    from transfer.layouts import check_layout, find_layout, resolve
     from transfer.runs import load_run_model
 
     model, classes, run_dir = load_run_model(model_path)
-    folder = Path(folder)
+    if folder is None and labels is None:
+        raise ValueError("Give the images to evaluate: a folder of <class>/ folders, or "
+                         "--labels FILE.")
+    _, folder, labels = resolve(folder, labels) if labels else (None, Path(folder), None)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist; expected {folder}/<class>/*.jpg with "
                                 f"the model's classes ({', '.join(classes)}).")
-    extra = extra_folders(folder, classes)
-    if extra:
-        raise ValueError(f"{folder} has folder(s) {', '.join(extra)} that are not classes of the "
-                         f"model ({', '.join(classes)}); expected {folder}/<class>/*.jpg (for a "
-                         "data set, give its validation/ folder).")
-    report = check_split("evaluate", folder, classes, cache_file_for(folder), require_all=False)
-    paths = [(str(p), classes.index(c)) for c in classes for p in report.good[c]]
-    for path, reason in report.bad:
+    reports = check_layout(find_layout(folder, labels, label_pattern, classes), False)
+    paths = [(str(p), classes.index(c)) for report in reports for c in classes
+             for p in report.good[c]]
+    set_aside = [item for report in reports for item in report.bad]
+    for path, reason in set_aside:
         log.warning("Set aside %s: %s", path, reason)
     model_path = Path(model_path)
     target = (Path(output) if output
               else run_dir or (model_path if model_path.is_dir() else model_path.parent))
-    return evaluate(model, classes, [p for p, _ in paths], [l for _, l in paths], target,
-                    run_dir=run_dir, set_aside=report.bad)
+    evaluate(model, classes, [p for p, _ in paths], [l for _, l in paths], target,
+             run_dir=run_dir, set_aside=set_aside, split=f"{folder.resolve().name}/")
+    return target
 
 
-def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
-    """Write metrics.json, report.html and its PNGs into output; returns output."""
+def predict_files(model, paths, batch_size=32):
+    """(uint8 images [N, H, W, 3], class probabilities [N, C]) of image files."""
+    from transfer.images import load_image
+
+    size = model.input_shape[1]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # uint8: a quarter of float32
+        images = np.stack(list(pool.map(lambda path: load_image(path, size), paths)))
+    probabilities = np.concatenate([
+        model.predict_on_batch(images[i:i + batch_size].astype("float32"))
+        for i in range(0, len(images), batch_size)])
+    return images, probabilities
+
+
+def accuracy(model, paths, labels):
+    return float((predict_files(model, paths)[1].argmax(axis=1) == np.asarray(labels)).mean())
+
+
+def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
+             split="validation", test_accuracy=None):
+    """Write metrics.json, report.html and its PNGs into output; returns the metrics.
+
+    split names the images on the page ("validation", "test", a folder's name); test_accuracy,
+    when given, is shown beside them, with a link to the test images' report in output/test/.
+    """
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
     from transfer.explain import gradcam, overlay
-    from transfer.images import load_image
     from transfer.runs import read_history
 
     if not paths:
         raise ValueError("No readable images to evaluate on; expected <folder>/<class>/*.jpg.")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    size = model.input_shape[1]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # uint8: a quarter of float32
-        images = np.stack(list(pool.map(lambda path: load_image(path, size), paths)))
+    images, probabilities = predict_files(model, paths)
     labels = np.asarray(labels)
-    probabilities = np.concatenate([model.predict_on_batch(images[i:i + 32].astype("float32"))
-                                    for i in range(0, len(images), 32)])
     predicted = probabilities.argmax(axis=1)
     per_class, macro = class_scores(labels, predicted, classes)
     matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
@@ -78,7 +96,8 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
     right = np.flatnonzero(predicted == labels)
     right = right[np.argsort(-confidence[right])]
     metrics = {
-        "images": len(paths), "accuracy": float((predicted == labels).mean()), "roc_auc": auc,
+        "split": split, "images": len(paths), "accuracy": float((predicted == labels).mean()),
+        "roc_auc": auc, "test_accuracy": test_accuracy,
         "classes": classes, "per_class": per_class, "macro_avg": macro,
         "confusion_matrix": matrix.tolist(),
         "most_confidently_wrong": [
@@ -117,10 +136,10 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=()):
                  before_note=None if before is not None else
                  "the backbone's original weights could not be loaded, so only the trained "
                  "model's feature maps are shown")
-    log.info("Evaluation on %d images: accuracy %.4f%s. Report: %s", len(paths),
+    log.info("Evaluation on %d %s images: accuracy %.4f%s. Report: %s", len(paths), split,
              metrics["accuracy"], f", ROC AUC {auc:.4f}" if auc is not None else "",
              output / "report.html")
-    return output
+    return metrics
 
 
 def class_scores(labels, predicted, classes):

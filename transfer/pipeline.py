@@ -17,59 +17,47 @@ log = logging.getLogger(__name__)
 
 def train(cfg, verbose="auto"):
     """Train a classifier as `cfg` says in a new run directory, which it returns."""
-    from transfer import check, data, runs
+    from transfer import check, data, layouts, runs
     from transfer.backbones import get_spec
     from transfer.train import build, devices
 
     spec = get_spec(cfg.backbone)
     image_size = cfg.image_size or spec.default_size
-    data_name, data_dir = data.resolve_dataset(cfg.data)
-    classes = check.class_names(data_dir / "train")
+    data_name, data_dir, labels = layouts.resolve(cfg.data, cfg.labels)
+    layout = layouts.find_layout(data_dir, labels, cfg.label_pattern)
+    classes = layout.classes
     # Built before anything is written: missing ImageNet weights or a wrong cut stop it here.
     strategy, jit = devices(cfg)
     with strategy.scope():
         model = build(cfg, spec, len(classes), image_size)
 
     started = time.time()
-    reports = check.check_dataset(data_dir, classes)
-    log.info("%s (checked in %.1f s)", check.summary_line(data_name, classes, reports),
+    reports = layouts.check_layout(layout)
+    log.info("%s (checked in %.1f s)", check.summary_line(data_name, classes, reports,
+                                                          layout.describe()),
              time.time() - started)
     for message in check.warnings_for(reports):
         log.warning("Warning: %s", message)
     for path, reason in (item for report in reports for item in report.bad):
         log.warning("Set aside %s: %s", path, reason)
-
-    train_split = _split(reports[0], classes)
-    if len(reports) == 2:
-        val_split = _split(reports[1], classes)
-        if not val_split:
-            raise ValueError(f"{data_dir / 'validation'} holds no usable images; add some, or "
-                             "remove the folder to validate on a seeded --validation-split of "
-                             "train/.")
-    else:
-        single = [cls for cls, count in reports[0].counts().items() if count < 2]
-        if single:
-            raise ValueError(f"Class(es) {', '.join(single)} have one image in train/, too few "
-                             "to be both trained and validated on; add images, or add a "
-                             "validation/<class>/ folder.")
-        train_split, val_split = data.stratified_split(train_split, cfg.validation_split, cfg.seed)
-        log.info("No validation/ folder: a seeded stratified %.0f%% of train/ validates "
-                 "(%d images)", 100 * cfg.validation_split, len(val_split))
+    splits = data.assign_splits(reports, classes, cfg.validation_split, cfg.test_split,
+                                cfg.seed)
 
     run_dir = runs.new_run_dir(Path(cfg.runs_dir) / data_name, cfg.backbone)
     log.info("Run directory: %s", run_dir)
     saved = cfg.to_dict() | {"image_size": image_size, "data_dir": os.path.abspath(data_dir),
-                             "data_name": data_name}
+                             "data_name": data_name, "layout": layout.kind}
     if cfg.weights_file() is not None:  # found again from any folder
         saved["weights"] = os.path.abspath(cfg.weights_file())
+    if labels is not None:
+        saved["labels"] = os.path.abspath(labels)
     write_json(run_dir / "config.json", saved)
     write_json(run_dir / "classes.json", classes)
     write_json(run_dir / "versions.json", runs.library_versions())
     runs.write_bad_files(run_dir, [item for report in reports for item in report.bad])
-    runs.write_split(run_dir, classes, {"train": train_split, "validation": val_split})
+    runs.write_split(run_dir, classes, splits)
     with strategy.scope():
-        return _train_and_evaluate(model, cfg, spec, run_dir, classes, train_split, val_split,
-                                   verbose, jit)
+        return _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, jit)
 
 
 def resume(run_dir, verbose="auto"):
@@ -94,37 +82,38 @@ def resume(run_dir, verbose="auto"):
         raise FileNotFoundError(f"{len(missing)} file(s) of this run's split are gone, e.g. "
                                 f"{missing[0]}; restore them or start a new run.")
     spec = get_spec(cfg.backbone)
-    log.info("Resuming %s: %s on %s, %d training and %d validation images", run_dir,
-             cfg.backbone, saved["data_dir"], len(splits["train"]), len(splits["validation"]))
+    log.info("Resuming %s: %s on %s, %s images", run_dir, cfg.backbone, saved["data_dir"],
+             ", ".join(f"{len(split)} {name}" for name, split in splits.items()))
     strategy, jit = devices(cfg)
     with strategy.scope():
         model = build(cfg, spec, len(classes), cfg.image_size)
-        return _train_and_evaluate(model, cfg, spec, run_dir, classes, splits["train"],
-                                   splits["validation"], verbose, jit)
+        return _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, jit)
 
 
-def _split(report, classes):
-    from transfer.data import Split
-
-    pairs = [(os.path.abspath(path), label)  # the run can then be resumed from any folder
-             for label, cls in enumerate(classes) for path in report.good[cls]]
-    return Split(tuple(p for p, _ in pairs), tuple(l for _, l in pairs))
-
-
-def _train_and_evaluate(model, cfg, spec, run_dir, classes, train_split, val_split, verbose,
-                        jit):
-    """Fit, then the learning curves, summary.json (the run is finished) and the report."""
-    from transfer.evaluate import evaluate, plot_learning_curves
+def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, jit):
+    """Fit; then the learning curves, the reports on the test images (test/) and on the
+    validation images, and summary.json, which marks the run finished."""
+    from transfer.evaluate import accuracy, evaluate, plot_learning_curves
     from transfer.runs import read_bad_files
     from transfer.train import fit_run, write_summary
 
     started = time.time()
-    history = fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, jit)
+    history = fit_run(model, cfg, spec, run_dir, classes, splits["train"], splits["validation"],
+                      verbose, jit)
     plot_learning_curves(history, run_dir / "learning_curves.png")
-    write_summary(run_dir, history, time.time() - started)
+    seconds = time.time() - started  # training's; the reports after it are not counted
+    test = splits.get("test")
+    test_accuracy = None
     if cfg.evaluate:
-        evaluate(model, classes, val_split.paths, val_split.labels, run_dir, run_dir=run_dir,
-                 set_aside=read_bad_files(run_dir))
+        if test:
+            test_accuracy = evaluate(model, classes, test.paths, test.labels, run_dir / "test",
+                                     run_dir=run_dir, split="test")["accuracy"]
+        evaluate(model, classes, splits["validation"].paths, splits["validation"].labels,
+                 run_dir, run_dir=run_dir, set_aside=read_bad_files(run_dir),
+                 split="validation", test_accuracy=test_accuracy)
+    elif test:
+        test_accuracy = accuracy(model, test.paths, test.labels)
+    write_summary(run_dir, history, seconds, test_accuracy)
     return run_dir
 
 

@@ -16,7 +16,7 @@ from transfer.files import write_csv
 
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
                   "learning_rate")
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 
 
 def new_run_dir(parent, backbone):
@@ -54,16 +54,18 @@ def write_split(run_dir, classes, splits):
 
 
 def read_split(run_dir):
-    """(class names, {"train": Split, "validation": Split}) as a run recorded them."""
+    """(class names, {"train": Split, "validation": Split[, "test": Split]}) as a run
+    recorded them; "test" only when the run kept test images."""
     from transfer.data import Split
 
     classes = json.loads((Path(run_dir) / "classes.json").read_text())
     with open(Path(run_dir) / "split.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return classes, {name: Split(tuple(r["path"] for r in rows if r["split"] == name),
-                                 tuple(classes.index(r["label"]) for r in rows
-                                       if r["split"] == name))
-                     for name in SPLITS}
+    splits = {name: Split(tuple(r["path"] for r in rows if r["split"] == name),
+                          tuple(classes.index(r["label"]) for r in rows if r["split"] == name))
+              for name in SPLITS}
+    return classes, {name: split for name, split in splits.items()
+                     if split or name != "test"}
 
 
 def write_bad_files(run_dir, bad):

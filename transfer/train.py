@@ -109,9 +109,9 @@ def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose,
     return history
 
 
-def write_summary(run_dir, history, seconds):
-    """summary.json, which marks a run finished: the best epoch of all, and per phase its
-    seconds, what it trained on and its best validation figures."""
+def write_summary(run_dir, history, seconds, test_accuracy=None):
+    """summary.json, which marks a run finished: the best epoch of all, per phase its
+    seconds, what it trained on and its best validation figures, and the test accuracy."""
     best = min(history, key=lambda row: row["val_loss"])
     phases = json.loads((run_dir / STATE).read_text()).get("phases", {})
     for name, phase in phases.items():
@@ -121,10 +121,13 @@ def write_summary(run_dir, history, seconds):
     summary = {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
                "best_epoch": best["epoch"], "best_phase": best["phase"],
                "epochs": len(history), "seconds": round(seconds, 1), "phases": phases}
+    if test_accuracy is not None:
+        summary["test_accuracy"] = test_accuracy
     write_json(run_dir / "summary.json", summary)
-    log.info("Done in %.0f s: best val_accuracy %.4f (val_loss %.4f, %s epoch %d). Model: %s",
+    log.info("Done in %.0f s: best val_accuracy %.4f (val_loss %.4f, %s epoch %d)%s. Model: %s",
              summary["seconds"], best["val_accuracy"], best["val_loss"], best["phase"],
-             best["epoch"], run_dir / "model.keras")
+             best["epoch"], "" if test_accuracy is None else f"; test accuracy {test_accuracy:.4f}",
+             run_dir / "model.keras")
     return summary
 
 
