@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import http.server
 import threading
@@ -20,16 +21,17 @@ def test_dataset_by_name_under_transfer_data_home(tmp_path, monkeypatch):
 
 def test_unknown_dataset_explains_the_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFER_DATA_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"train/<class>/\*.jpg.*cats_dogs"):
-        data.resolve_dataset("flowers")
+    with pytest.raises(FileNotFoundError, match=r"train/<class>/\*.jpg.*cats_dogs, flowers"):
+        data.resolve_dataset("birds")
 
 
 def test_offline_download_fails_at_once_with_address_and_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFER_DATA_HOME", str(tmp_path))
-    unreachable = data.Download("http://127.0.0.1:9/cats_and_dogs_filtered.zip", 1, "0", "x")
+    unreachable = dataclasses.replace(data.KNOWN_DATASETS["cats_dogs"],
+                                      url="http://127.0.0.1:9/cats_and_dogs_filtered.zip")
     monkeypatch.setitem(data.KNOWN_DATASETS, "cats_dogs", unreachable)
     with pytest.raises(FileNotFoundError, match=r"127.0.0.1:9/cats_and_dogs_filtered.zip.*"
-                                                r"cats_dogs/train/<class>/\*.jpg"):
+                                                r"cats_dogs/ holds train/<class>/\*.jpg"):
         data.resolve_dataset("cats_dogs")
     assert not (tmp_path / "cats_dogs").exists()
 
@@ -56,15 +58,15 @@ def test_download_checks_size_and_checksum_then_unpacks(tmp_path, monkeypatch):
     server = _serve(archive.parent)
     try:
         url = f"http://127.0.0.1:{server.server_port}/pets.zip"
-        good = data.Download(url, archive.stat().st_size, data.manifest_sha256(source),
-                             "pets_filtered")
+        good = data.Download(url, archive.stat().st_size, "pets_filtered", "train/<class>/*",
+                             manifest_sha256=data.manifest_sha256(source))
         monkeypatch.setitem(data.KNOWN_DATASETS, "pets", good)
         monkeypatch.setenv("TRANSFER_DATA_HOME", str(tmp_path / "home"))
         name, folder = data.resolve_dataset("pets")
         assert sorted(p.name for p in folder.iterdir()) == ["train", "validation"]
         assert len(list_images(folder).images) == 10
 
-        bad = data.Download(url, archive.stat().st_size, "0" * 64, "pets_filtered")
+        bad = dataclasses.replace(good, manifest_sha256="0" * 64)
         monkeypatch.setitem(data.KNOWN_DATASETS, "pets2", bad)
         with pytest.raises(ValueError, match="sha256 manifest"):
             data.resolve_dataset("pets2")

@@ -15,7 +15,7 @@ def import_graph():
     for path in sorted(PACKAGE.glob("*.py")):
         imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transfer"):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("transfer"):
                 if node.module == "transfer":  # from transfer import check, data
                     imported |= {alias.name for alias in node.names}
                 else:
@@ -107,4 +107,5 @@ def test_a_wrong_choice_names_the_valid_ones(capsys):
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--class-weights", "even"])
-    assert "invalid choice: 'even' (choose from 'auto', 'balanced', 'none')" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice: 'even' (choose from 'auto', 'balanced', 'none')" in err

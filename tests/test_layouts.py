@@ -169,7 +169,8 @@ def test_bad_label_rows_are_reported_and_set_aside(tmp_path, capsys):
     rows = [("horizontal/horizontal_000.png", "horizontal"), ("horizontal/horizontal_001.png", ""),
             ("vertical/vertical_001.png", "vertical"), ("vertical/gone.png", "vertical"),
             ("../elsewhere.png", "vertical"), (str(outside), "vertical"),
-            ("horizontal/horizontal_002.png", "horizontal"), ("vertical/vertical_002.png", "vertical")]
+            ("horizontal/horizontal_002.png", "horizontal"),
+            ("vertical/vertical_002.png", "vertical")]
     labels = write_labels(root / "labels.csv", rows)
     layout, reports = check_dataset(root, labels=labels)
     reasons = {Path(path).name: reason for path, reason in reports[0].bad}

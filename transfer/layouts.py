@@ -57,6 +57,9 @@ def resolve(data, labels=None):
     if not path.is_file() and not path.is_absolute() and data is not None:
         beside = resolve_dataset(data)[1] / path
         path = beside if beside.is_file() else path
+    if path.is_dir():
+        raise ValueError(f"Label file {labels} is a folder; expected a .csv or .tsv file with a "
+                         "header row path,label (and optionally split).")
     if not path.is_file():
         raise FileNotFoundError(f"Label file {labels} does not exist; expected a .csv or .tsv "
                                 "file with a header row path,label (and optionally split).")
