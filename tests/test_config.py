@@ -30,13 +30,15 @@ def test_unknown_keys_name_the_valid_ones(tmp_path):
         resolve(None, {"learningrate": 1.0})
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"epochs": "ten"}, "epochs must be int"),
-    ({"fine_tune_epochs": -1}, "fine_tune_epochs must be 0"),
-    ({"flip": "diagonal"}, "flip must be one of horizontal"),
-    ({"learning_rate": 0}, "learning_rate must be positive"),
-    ({"validation_split": 1.5}, r"validation_split must be in \(0, 1\)"),
+@pytest.mark.parametrize("settings, message", [  # the option typed, and the file's key
+    ({"batch_size": 0}, r"^--batch-size \(batch_size\) must be a positive integer"),
+    ({"epochs": "ten"}, r"^--epochs \(epochs\) must be int"),
+    ({"fine_tune_epochs": -1}, r"^--fine-tune-epochs \(fine_tune_epochs\) must be 0"),
+    ({"flip": "diagonal"}, r"^--flip \(flip\) must be one of horizontal"),
+    ({"learning_rate": 0}, r"^--learning-rate \(learning_rate\) must be positive"),
+    ({"validation_split": 1.5}, r"^--validation-split \(validation_split\) must be in \(0, 1\)"),
+    ({"test_split": 0.9}, r"less than 1 - --validation-split \(validation_split\) \(0.8\)"),
+    ({"cache_disk_mb": -1}, r"^--cache-disk-mb \(cache_disk_mb\) must be 0 or more"),
 ])
 def test_bad_values_say_what_was_expected(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -77,5 +79,58 @@ def test_yaml_exponents_without_a_dot_are_numbers_for_float_settings(tmp_path):
     (tmp_path / "settings.yaml").write_text("learning_rate: 1e-4\nfine_tune_learning_rate: 2e-6\n")
     cfg = resolve(load_file(tmp_path / "settings.yaml"))  # YAML 1.1 reads these as strings
     assert (cfg.learning_rate, cfg.fine_tune_learning_rate) == (1e-4, 2e-6)
-    with pytest.raises(ValueError, match="learning_rate must be float; received 'fast'"):
+    with pytest.raises(ValueError, match=r"\(learning_rate\) must be float; received 'fast'"):
         resolve({"learning_rate": "fast"})
+
+
+def test_a_config_path_that_is_a_folder_or_unreadable_is_a_one_line_error(tmp_path):
+    (tmp_path / "settings.yaml").mkdir()
+    with pytest.raises(ValueError, match=r"settings.yaml is a folder; expected a .yaml or .json"):
+        load_file(tmp_path / "settings.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("data: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.yaml is not UTF-8 text"):
+        load_file(tmp_path / "latin1.yaml")
+
+
+def test_nested_yaml_aliases_are_refused_with_a_short_message(tmp_path):
+    # The "billion laughs": 9 levels of 10 aliases each, 1e9 strings from about 400 bytes.
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, 9):
+        lines.append(f"a{level}: &a{level} [" + ",".join([f"*a{level - 1}"] * 10) + "]")
+    lines.append("epochs: *a8")
+    (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as raised:
+        load_file(tmp_path / "laughs.yaml")
+    message = str(raised.value)
+    assert "uses the YAML alias *a0 (line 2)" in message
+    assert len(message) < 300 and "\n" not in message
+    # A huge value is shown cut short, whatever the file held.
+    with pytest.raises(ValueError, match=r"\(epochs\) must be int; received \['lol', .*\.\.\. "
+                                         r"\(70,000 characters\) \(list\)") as raised:
+        resolve({"epochs": ["lol"] * 10_000})
+    assert len(str(raised.value)) < 200
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("twice.yaml", "epochs: 3\nbatch_size: 8\nepochs: 30\n",
+     r"twice.yaml sets 'epochs' twice \(lines 1 and 3\); keep one"),
+    ("twice.json", '{"epochs": 3, "epochs": 30}', r"twice.json sets 'epochs' twice; keep one"),
+    ("nested.yaml", "augmentation:\n  zoom: 0.1\n  zoom: 0.2\n", r"sets 'zoom' twice"),
+])
+def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_file(tmp_path / name)
+
+
+def test_yaml_errors_and_odd_keys_are_one_line(tmp_path):
+    (tmp_path / "broken.yaml").write_text("epochs: [1, 2\n")
+    with pytest.raises(ValueError) as raised:
+        load_file(tmp_path / "broken.yaml")
+    assert "\n" not in str(raised.value) and "(line 2, column 1)" in str(raised.value)
+    (tmp_path / "numbers.yaml").write_text("1: 2\n")
+    with pytest.raises(ValueError, match="has key 1, which is not a setting name"):
+        load_file(tmp_path / "numbers.yaml")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="deep.json nests too deeply"):
+        load_file(tmp_path / "deep.json")

@@ -163,3 +163,16 @@ def test_a_quantized_format_must_also_keep_the_probabilities():
     assert not int8(0.985, 0.011).ok()
     stuck = int8(0.992, 0.4)  # one class everywhere, on data that is nearly all that class
     assert not stuck.ok() and "0.400 on average (allowed: 0.05)" in stuck.describe_failure()
+
+
+def test_tflite_conversion_prints_nothing_of_its_own(capsys):
+    import keras
+
+    inputs = keras.Input((8, 8, 3), name="images")
+    outputs = keras.layers.Dense(2, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs)))
+    model = keras.Model(inputs, outputs)
+    converted = formats._tflite(model, "float32", None)
+    assert converted[4:8] == b"TFL3"  # the FlatBuffer's identifier: a TFLite model
+    out = capsys.readouterr().out  # Keras's export printed each endpoint's TensorSpec here
+    assert "TensorSpec" not in out and "Saved artifact" not in out and out == ""

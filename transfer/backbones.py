@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import re
+import warnings
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,38 @@ class BackboneSpec:
 
         constructor = getattr(keras.applications, self.constructor)
         try:
-            return constructor(
-                include_top=False,
-                weights=weights,
-                input_shape=(image_size, image_size, 3),
-                **dict(self.kwargs),
-            )
+            # A weights file that does not fit warns once per layer before it fails: those
+            # warnings are passed on only when it loads.
+            with warnings.catch_warnings(record=True) as caught:
+                backbone = constructor(
+                    include_top=False,
+                    weights=weights,
+                    input_shape=(image_size, image_size, 3),
+                    **dict(self.kwargs),
+                )
+            for warning in caught:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                       warning.lineno)
         except Exception as error:  # Keras raises a bare Exception for a failed download.
-            if "URL fetch failure" not in str(error):
+            if "URL fetch failure" in str(error):
+                raise FileNotFoundError(_weights_help(self.name, str(error))) from None
+            if weights in ("imagenet", None) or not isinstance(error, (OSError, ValueError,
+                                                                        KeyError)):
                 raise
-            raise FileNotFoundError(_weights_help(self.name, str(error))) from None
+            # h5py's OSError for a file that is not HDF5; Keras's ValueError (over many lines)
+            # for one whose weights do not fit this backbone.
+            raise ValueError(f"--weights {weights} could not be loaded into backbone "
+                             f"{self.name!r}: {_one_line(error)} Expected a weights file of "
+                             "this backbone without its top (Keras's save_weights: "
+                             ".weights.h5), or --weights imagenet | none.") from None
+        backbone.table_name = self.name  # what the user called it, for messages (cut_index)
+        return backbone
+
+
+def _one_line(error, limit=240):
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text if text.endswith((".", "...")) else text + "."
 
 
 def _weights_help(name, message):
@@ -138,12 +161,18 @@ def get_spec(name):
         ) from None
 
 
-def cut_index(backbone, prefix):
-    """Index in backbone.layers of the first layer whose name starts with `prefix`."""
+def cut_index(backbone, prefix, name=None):
+    """Index in backbone.layers of the first layer whose name starts with `prefix`.
+
+    name: the backbone as the user named it, for the message; by default the table's name
+    (BackboneSpec.build records it), else Keras's model name (mobilenet_0.25_224).
+    """
     for index, layer in enumerate(backbone.layers):
         if layer.name.startswith(prefix):
             return index
+    name = name or getattr(backbone, "table_name", None)
     raise ValueError(
-        f"No layer of backbone {backbone.name!r} starts with {prefix!r}. "
-        "Pass a layer-name prefix from `python -m transfer backbones --layers NAME`."
+        f"No layer of backbone {name or backbone.name!r} starts with {prefix!r}. Give "
+        f"--fine-tune-from a layer-name prefix from `transfer backbones --layers "
+        f"{name or 'NAME'}`."
     )

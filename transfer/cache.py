@@ -36,7 +36,11 @@ ENTRY_OVERHEAD = 4096  # bytes beside the array: the .npy header and key.json
 
 
 class FeatureStore:
-    """A folder of feature arrays kept under `budget` bytes, least recently used removed first."""
+    """A folder of feature arrays kept under `budget` bytes, least recently used removed first.
+
+    Several processes may share the folder (two trainings of the same data at once): an
+    entry appears whole, by one rename, and the second to create one uses the first's.
+    """
 
     def __init__(self, root, budget):
         self.root, self.budget = Path(root), budget
@@ -45,11 +49,15 @@ class FeatureStore:
     def load(self, key):
         """The entry's array, memory-mapped, or None when there is no complete entry."""
         path = self.root / key / "features.npy"
-        if not path.is_file():
+        if not (path.is_file() and (path.parent / "key.json").is_file()):
             return None
-        os.utime(path.parent)  # most recently used
+        try:
+            os.utime(path.parent)  # most recently used
+            array = np.load(path, mmap_mode="r")
+        except FileNotFoundError:  # another process removed it to make room just now
+            return None
         self.in_use.add(key)
-        return np.load(path, mmap_mode="r")
+        return array
 
     def create(self, key, parts, shape, dtype, fill):
         """Make room, call fill(array) on a new [shape] array and store it under key.
@@ -69,13 +77,28 @@ class FeatureStore:
             array.flush()
             del array
             write_json(temporary / "key.json", parts)
-            os.rename(temporary, self.root / key)
+            self._publish(temporary, key)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
         return self.load(key)
 
+    def _publish(self, temporary, key):
+        """Rename the finished entry into place, unless another process got there first."""
+        target = self.root / key
+        for _ in range(2):
+            try:
+                os.rename(temporary, target)
+                return
+            except OSError:  # ENOTEMPTY or EEXIST: the target is there
+                if (target / "key.json").is_file() and (target / "features.npy").is_file():
+                    log.info("Another process cached these features first; using its entry %s",
+                             target)
+                    return
+                shutil.rmtree(target, ignore_errors=True)  # not an entry: replace it
+        os.rename(temporary, target)
+
     def size(self):
-        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+        return _tree_size(self.root)
 
     def _make_room(self, needed):
         for folder in self.root.glob(".tmp-*"):  # left by a killed run
@@ -84,15 +107,35 @@ class FeatureStore:
                 shutil.rmtree(folder, ignore_errors=True)
         entries = sorted((folder for folder in self.root.glob("*")
                           if not folder.name.startswith(".") and folder.name not in self.in_use),
-                         key=lambda f: f.stat().st_mtime)
+                         key=_mtime)
         total = self.size() if self.root.is_dir() else 0
         while entries and total + needed > self.budget:
             oldest = entries.pop(0)
-            freed = sum(f.stat().st_size for f in oldest.rglob("*") if f.is_file())
+            freed = _tree_size(oldest)
             shutil.rmtree(oldest, ignore_errors=True)
             total -= freed
             log.info("Feature cache over its %.0f MB budget: removed %s (%.0f MB)",
                      self.budget / 2**20, oldest.name, freed / 2**20)
+
+
+def _tree_size(folder):
+    """The bytes of the files under folder, skipping those another process removes meanwhile
+    (os.walk passes over a folder that vanishes; Path.rglob would raise)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _mtime(path):
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # removed by another process meanwhile: oldest of all
+        return 0.0
 
 
 def _running(pid):

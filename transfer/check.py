@@ -1,19 +1,27 @@
 """What is in a data set folder, and whether every file in it can be used.
 
-Every candidate file is decoded for real, once: results are cached by path, size and
-modification time, so checking an unchanged folder again is instant. Files that fail are
-reported with the reason and set aside; they are moved only by `quarantine()`.
+Every candidate file is decoded for real, once: results are cached by path, size,
+modification time, inode and permissions, so checking an unchanged folder again is instant.
+Files that fail, and folders that cannot be read, are reported with the reason and set aside;
+they are moved only by `quarantine()`.
 """
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import unicodedata
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: concurrent checks may then lose each other's new verdicts
+    fcntl = None
 
 from transfer.files import cache_home, write_atomic
 from transfer.images import IMAGE_EXTENSIONS, ImageError, decode_workers, open_rgb
@@ -22,6 +30,8 @@ log = logging.getLogger(__name__)
 
 FEW_IMAGES = 10  # a class with fewer training images than this gets a warning
 REPEATED_LINK = "repeated link"  # the reason for a second name of a file: used once, elsewhere
+UNREADABLE_FOLDER = "folder not readable"
+NOT_READABLE = "not readable"  # images.open_rgb's reason for a file this user cannot read
 
 
 @dataclasses.dataclass
@@ -46,7 +56,13 @@ def list_images(folder, seen_files=None):
     seen = {os.path.realpath(folder)}
     seen_files = {} if seen_files is None else seen_files
     linked = {folder: False}  # whether a folder was reached through a link below `folder`
-    for root, dirs, files in os.walk(folder, followlinks=True):
+
+    def unreadable(error):  # os.walk would skip the folder and all its files silently
+        listing.problems.append((Path(error.filename), f"{UNREADABLE_FOLDER}: "
+                                 f"{(error.strerror or str(error)).lower()}; its files are "
+                                 "not used"))
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
         root = Path(root)
         for name in sorted(dirs):
             real = os.path.realpath(root / name)
@@ -98,6 +114,14 @@ def _utf8(text):
     return True
 
 
+def printable(text):
+    """text with its control characters (newline, tab, escape), invisible format characters
+    and line separators as backslash escapes (a newline as \\n), so that a report gives each
+    file one line. Other characters, and bytes that are not UTF-8, are left as they are."""
+    return "".join(repr(char)[1:-1] if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")
+                   else char for char in str(text))
+
+
 def _repeated(used):
     return f"{REPEATED_LINK}: same file as {used}, which is used once"
 
@@ -107,7 +131,8 @@ def class_names(train_dir):
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
         raise FileNotFoundError(f"{train_dir} does not exist; expected {train_dir}/<class>/*.jpg.")
-    names = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = sorted(p.name for p in _entries(train_dir)
+                   if p.is_dir() and not p.name.startswith("."))
     if len(names) < 2:
         raise ValueError(f"{train_dir} has {len(names)} class folder(s) "
                          f"({', '.join(names) or 'none'}); expected at least two: "
@@ -124,7 +149,7 @@ def scan_split(split_dir, classes, require_all=True, seen_files=None):
         raise ValueError(f"{split_dir} has class folder(s) {', '.join(extra)} that train/ lacks; "
                          f"expected only {', '.join(classes)}. Add them to train/ or remove them.")
     listings = {None: Listing()}
-    for path in sorted(p for p in split_dir.iterdir() if not p.is_dir()):
+    for path in sorted(p for p in _entries(split_dir) if not p.is_dir()):
         if not _image_name(path):
             listings[None].skipped.append(path)
         else:
@@ -133,6 +158,11 @@ def scan_split(split_dir, classes, require_all=True, seen_files=None):
     for name in classes:
         folder = split_dir / name
         listings[name] = list_images(folder, seen_files) if folder.is_dir() else Listing()
+        unreadable = _unreadable(listings[name])
+        if require_all and not listings[name].images and unreadable:
+            raise ValueError(f"Class folder {folder} holds no images that can be read: "
+                             f"{unreadable} is not readable; make it readable "
+                             f"(chmod -R a+rX {folder}) or remove the folder.")
         if require_all and not listings[name].images and not _links_only(listings[name]):
             raise ValueError(f"Class folder {folder} holds no images "
                              f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder.")
@@ -141,8 +171,23 @@ def scan_split(split_dir, classes, require_all=True, seen_files=None):
 
 def extra_folders(folder, classes):
     """Sorted names of the folders in `folder` that are neither hidden nor one of classes."""
-    return sorted(p.name for p in Path(folder).iterdir()
+    return sorted(p.name for p in _entries(folder)
                   if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+
+
+def _entries(folder):
+    """The paths in folder; ValueError naming it when it cannot be read."""
+    try:
+        return list(Path(folder).iterdir())
+    except PermissionError as error:
+        raise ValueError(f"Folder {folder} cannot be read ({error.strerror.lower()}); make it "
+                         f"readable (chmod -R a+rX {folder}) or point at another.") from None
+
+
+def _unreadable(listing):
+    """A folder of the listing that could not be read, or None."""
+    return next((path for path, reason in listing.problems
+                 if reason.startswith(UNREADABLE_FOLDER)), None)
 
 
 def _links_only(listing):
@@ -157,7 +202,9 @@ def check_files(paths, cache_file=None, workers=None):
     results, todo = {}, []
     for path in paths:
         key = _cache_key(path)
-        if key is not None and key in cache:
+        # A good verdict also needs the file readable now: by this user, through its folders.
+        if key is not None and key in cache and (cache[key] is not None
+                                                 or os.access(path, os.R_OK)):
             results[path] = cache[key]
         else:
             todo.append(path)
@@ -173,8 +220,8 @@ def check_files(paths, cache_file=None, workers=None):
         for path, reason in zip(todo, pool.map(attempt, todo)):
             results[path] = reason
             key = _cache_key(path)
-            if key is not None:
-                cache[key] = reason
+            if key is not None and not (reason or "").startswith(NOT_READABLE):
+                cache[key] = reason  # (whether a file can be read depends on who asks)
     if cache_file is not None and todo:
         _write_cache(cache_file, cache)
     return results
@@ -275,11 +322,14 @@ def cache_file_for(data_dir):
 
 
 def _cache_key(path):
+    """What a verdict holds for: the file's path, size and modification time, and which file
+    it is (inode) with its permissions and owner, so a chmod or chown checks it again."""
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    return (f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|"
+            f"{stat.st_mode:o}|{stat.st_uid}|{stat.st_gid}")
 
 
 def _read_cache(cache_file):
@@ -293,5 +343,23 @@ def _read_cache(cache_file):
 
 
 def _write_cache(cache_file, cache):
-    Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(cache_file, json.dumps(cache))
+    """Merge cache into the file, keeping what other checks wrote since it was read: checks
+    running at once take turns (a lock file beside it). A cache that cannot be written is
+    only a warning: the next check decodes the files again."""
+    cache_file = Path(cache_file)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(cache_file.with_name(cache_file.name + ".lock")):
+            write_atomic(cache_file, json.dumps(_read_cache(cache_file) | cache))
+    except OSError as error:
+        log.warning("Could not write the check cache %s (%s); the next check decodes these "
+                    "files again", cache_file, error)
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """Hold an exclusive lock on the file at path (created if need be) while in the block."""
+    with open(path, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield

@@ -32,6 +32,12 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file or folder of the user's that cannot be read or written
+        if error.filename is None:
+            raise
+        print(f"error: {error.filename}: {error.strerror or error}; check that it exists and "
+              "that you may read (or write) it.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -114,6 +120,14 @@ def build_parser():
                        help="largest encoded image accepted (default: 4)")
     serve.add_argument("--max-body-mb", type=float, default=32.0,
                        help="largest request body accepted (default: 32)")
+    serve.add_argument("--max-instances", type=int, default=256,
+                       help="most instances (images) in one request; more get a 413 (default: 256)")
+    serve.add_argument("--max-request-mpx", type=float, default=64.0,
+                       help="most pixels one request's images may declare in all, in millions; "
+                            "more get a 413 (default: 64)")
+    serve.add_argument("--read-timeout-s", type=float, default=30.0,
+                       help="seconds a request body may take to arrive; slower gets a 408 "
+                            "(default: 30)")
 
     predict = commands.add_parser("predict", help="classify image files and folders")
     predict.set_defaults(command=cmd_predict)
@@ -194,14 +208,18 @@ def cmd_check(args):
 
     if args.data is None and args.labels is None:
         raise ValueError("Give a data set name or folder, or --labels FILE.")
+    if args.quarantine and Path(args.quarantine).exists() and not Path(args.quarantine).is_dir():
+        raise ValueError(f"--quarantine {args.quarantine} is a file; expected a folder to move "
+                         "the files that fail into.")
     data_name, data_dir, labels = layouts.resolve(args.data, args.labels)
     layout, reports = layouts.check_dataset(data_dir, labels, args.label_pattern)
     bad = [item for report in reports for item in report.bad]
-    for path, reason in bad:
-        print(f"{path}\t{reason}")
+    for path, reason in bad:  # one line each, whatever the file's name holds
+        print(f"{check.printable(path)}\t{check.printable(reason)}")
     for message in check.warnings_for(reports):
-        print(f"warning: {message}", file=sys.stderr)
-    print(check.summary_line(data_name, layout.classes, reports, layout.describe()))
+        print(f"warning: {check.printable(message)}", file=sys.stderr)
+    print(check.printable(check.summary_line(data_name, layout.classes, reports,
+                                             layout.describe())))
     if args.quarantine:
         moved = check.quarantine(bad, layout.root, Path(args.quarantine))
         print(f"moved {len(moved)} file(s) to {args.quarantine}")
@@ -270,16 +288,19 @@ def cmd_export(args):
 def cmd_serve(args):
     from transfer.serve import serve
 
-    _require_positive(args, "max_batch", "max_image_mb", "max_body_mb")
+    _require_positive(args, "max_batch", "max_image_mb", "max_body_mb", "max_instances",
+                      "max_request_mpx", "read_timeout_s")
     if args.batch_wait_ms < 0:
         raise ValueError(f"--batch-wait-ms must be 0 or more; received {args.batch_wait_ms}.")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be 1-65535; received {args.port}.")
     serve(args.model_dir, args.host, args.port, args.max_batch, args.batch_wait_ms,
-          args.max_image_mb, args.max_body_mb)
+          args.max_image_mb, args.max_body_mb, args.max_instances, args.max_request_mpx,
+          args.read_timeout_s)
 
 
 def cmd_predict(args):
+    from transfer.files import atomic_path, require_writable
     from transfer.images import IMAGE_EXTENSIONS
     from transfer.predict import (Predictor, check_classes, error_row, expand_paths, explain,
                                   predict_paths, write_rows)
@@ -291,13 +312,16 @@ def cmd_predict(args):
     if args.explain and Path(args.explain).exists() and not Path(args.explain).is_dir():
         raise ValueError(f"--explain {args.explain} is a file; expected a folder to write the "
                          "Grad-CAM overlays into.")
+    # Before anything is predicted: no work is lost to a folder that cannot be written.
+    if args.output:
+        require_writable(Path(args.output).parent, f"--output {args.output}")
+    if args.explain:
+        require_writable(args.explain, f"--explain {args.explain}")
     paths, problems, skipped = expand_paths(args.images)
     if not paths and not problems:
         raise FileNotFoundError(f"No images found in {', '.join(args.images)} ({len(skipped)} "
                                 "non-image or hidden file(s) skipped); expected files ending in "
                                 f"{', '.join(IMAGE_EXTENSIONS)}.")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(args.model)
     if args.explain:
         predictor.require_keras("--explain")
@@ -309,8 +333,9 @@ def cmd_predict(args):
         explain(predictor, rows, args.explain)
     fmt = "json" if args.output and Path(args.output).suffix.lower() == ".json" else "csv"
     if args.output:
-        with open(args.output, "w", newline="", encoding="utf-8",
-                  errors="surrogateescape") as handle:  # file names as printed to stdout
+        with atomic_path(args.output) as temporary, open(
+                temporary, "w", newline="", encoding="utf-8",
+                errors="surrogateescape") as handle:  # file names as printed to stdout
             write_rows(rows, handle, fmt)
     else:
         write_rows(rows, sys.stdout, fmt)

@@ -1,5 +1,6 @@
 """Training configuration: defaults < an optional YAML or JSON file < command-line flags."""
 
+import collections.abc
 import dataclasses
 import json
 import types
@@ -101,34 +102,39 @@ class TrainConfig:
         for field in dataclasses.fields(self):
             choices = field.metadata["choices"]
             if choices and getattr(self, field.name) not in choices:
-                raise ValueError(f"{field.name} must be one of {', '.join(choices)}; "
-                                 f"received {getattr(self, field.name)!r}.")
+                raise ValueError(f"{_option(field.name)} must be one of {', '.join(choices)}; "
+                                 f"received {_shown(getattr(self, field.name))}.")
         for key in ("batch_size", "epochs", "patience", "cache_views"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be a positive integer; received {getattr(self, key)}.")
+                raise ValueError(f"{_option(key)} must be a positive integer; "
+                                 f"received {getattr(self, key)}.")
         for key in ("seed", "cache_memory_mb", "cache_disk_mb"):
             if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be 0 or more; received {getattr(self, key)}.")
+                raise ValueError(f"{_option(key)} must be 0 or more; "
+                                 f"received {getattr(self, key)}.")
         if self.fine_tune_epochs < 0:
-            raise ValueError(f"fine_tune_epochs must be 0 (skip phase 2) or more; "
+            raise ValueError(f"{_option('fine_tune_epochs')} must be 0 (skip phase 2) or more; "
                              f"received {self.fine_tune_epochs}.")
         for key in ("learning_rate", "fine_tune_learning_rate"):
             if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be positive; received {getattr(self, key)}.")
+                raise ValueError(f"{_option(key)} must be positive; "
+                                 f"received {getattr(self, key)}.")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1); received {self.dropout}.")
+            raise ValueError(f"{_option('dropout')} must be in [0, 1); received {self.dropout}.")
         if not 0 < self.validation_split < 1:
-            raise ValueError(f"validation_split must be in (0, 1); received {self.validation_split}.")
+            raise ValueError(f"{_option('validation_split')} must be in (0, 1); "
+                             f"received {self.validation_split}.")
         if not 0 <= self.test_split < 1 - self.validation_split:
-            raise ValueError(f"test_split must be 0 (no test set) or more, and less than 1 - "
-                             f"validation_split ({1 - self.validation_split:g}); received "
-                             f"{self.test_split}.")
+            raise ValueError(f"{_option('test_split')} must be 0 (no test set) or more, and less "
+                             f"than 1 - {_option('validation_split')} "
+                             f"({1 - self.validation_split:g}); received {self.test_split}.")
         for key in ("rotation", "zoom", "translation", "contrast"):
             if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key} must be in [0, 1); received {getattr(self, key)}.")
+                raise ValueError(f"{_option(key)} must be in [0, 1); "
+                                 f"received {getattr(self, key)}.")
         if self.weights_file() is not None and not self.weights_file().is_file():
-            raise FileNotFoundError(
-                f"weights must be {WEIGHT_CHOICES}; {self.weights!r} is not a file.")
+            raise FileNotFoundError(f"{_option('weights')} must be {WEIGHT_CHOICES}; "
+                                    f"{_shown(self.weights)} is not a file.")
         return self
 
     def weights_file(self):
@@ -150,31 +156,105 @@ def value_type(field):
     return field.type
 
 
-def load_file(path):
-    """The settings in a YAML (.yaml/.yml) or JSON (.json) file, as a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} does not exist; expected a .yaml or .json file.")
-    text, suffix = path.read_text(encoding="utf-8"), path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        import yaml
+MAX_CONFIG_BYTES = 1 << 20  # a config file holds a few dozen settings
 
-        try:
-            settings = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"Config file {path} is not valid YAML: {error}") from None
-    elif suffix == ".json":
-        try:
-            settings = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"Config file {path} is not valid JSON: {error}") from None
-    else:
+
+def load_file(path):
+    """The settings in a YAML (.yaml/.yml) or JSON (.json) file, as a dict.
+
+    A key given twice and YAML aliases (*name) are errors: one would silently win, and
+    nested aliases expand a small file into an enormous value (the "billion laughs").
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"Config file {path} is a folder; expected a .yaml or .json file.")
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist"
+                                f"{' as a regular file' if path.exists() else ''}; expected a "
+                                ".yaml or .json file.")
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"Config file {path} must end in .yaml, .yml or .json; "
                          f"received {path.suffix or 'no suffix'}.")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ValueError(f"Config file {path} cannot be read ({error.strerror or error}); "
+                         "check its permissions.") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"Config file {path} is over {MAX_CONFIG_BYTES // 2**20} MB; expected "
+                         "a few settings, one per line.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Config file {path} is not UTF-8 text (byte {error.start}); save it "
+                         "as UTF-8.") from None
+    try:
+        settings = _yaml(text, path) if suffix != ".json" else _json(text, path)
+    except RecursionError:
+        raise ValueError(f"Config file {path} nests too deeply; expected a flat mapping of "
+                         "settings.") from None
     if not isinstance(settings, dict):
         raise ValueError(f"Config file {path} must hold a mapping of settings; "
                          f"received {type(settings).__name__}.")
+    keys = [key for key in settings if not isinstance(key, str)]
+    if keys:
+        raise ValueError(f"Config file {path} has key {_shown(keys[0])}, which is not a "
+                         "setting name; keys are names such as batch_size.")
     return settings
+
+
+def _yaml(text, path):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ValueError(f"Config file {path} uses the YAML alias *{event.anchor[:40]} "
+                                 f"(line {event.start_mark.line + 1}); write its value out "
+                                 "instead: aliases are refused, as nested ones expand a small "
+                                 "file into an enormous value.")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            lines = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, collections.abc.Hashable) and key in lines:
+                    raise ValueError(f"Config file {path} sets {_shown(key)} twice (lines "
+                                     f"{lines[key]} and {line}); keep one.")
+                if isinstance(key, collections.abc.Hashable):
+                    lines[key] = line
+            return super().construct_mapping(node, deep)
+
+    try:
+        return yaml.load(text, Loader=Loader) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        what = ", ".join(part for part in (getattr(error, "context", None),
+                                           getattr(error, "problem", None)) if part)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        summary = what or str(error).splitlines()[0]
+        raise ValueError(f"Config file {path} is not valid YAML: {summary[:200]}"
+                         f"{where}.") from None
+
+
+def _json(text, path):
+    def mapping(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"Config file {path} sets {_shown(key)} twice; keep one.")
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=mapping)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Config file {path} is not valid JSON: {error}") from None
 
 
 def resolve(file_settings=None, overrides=None):
@@ -203,8 +283,8 @@ def _check_types(settings):
         elif expected is float and isinstance(value, str) and _is_number(value):
             settings[key] = float(value)  # YAML reads 1e-4 (no dot) as a string
         elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(f"{key} must be {expected.__name__}; received {value!r} "
-                             f"({type(value).__name__}).")
+            raise ValueError(f"{_option(key)} must be {expected.__name__}; received "
+                             f"{_shown(value)} ({type(value).__name__}).")
 
 
 def _is_number(text):
@@ -213,3 +293,14 @@ def _is_number(text):
     except ValueError:
         return False
     return True
+
+
+def _option(key):
+    """A setting as messages name it: the option typed and the config file's key."""
+    return f"--{key.replace('_', '-')} ({key})"
+
+
+def _shown(value, limit=60):
+    """repr(value), cut short: a message stays one readable line whatever a file held."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

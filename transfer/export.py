@@ -27,9 +27,20 @@ CLASSES_ASSET = "classes.json"
 CONFIG_ASSET = "config.json"
 
 
+MAX_VERSION_DIGITS = 18  # versions are int64 in TensorFlow Serving
+
+
+def is_version_name(name):
+    """Whether a folder (or a URL's version) names a version: ASCII digits, no sign, space or
+    leading zero. The one rule for export, predict and serve."""
+    return (name.isascii() and name.isdigit() and len(name) <= MAX_VERSION_DIGITS
+            and (name == "0" or not name.startswith("0")))
+
+
 def next_version(model_dir):
     """1 + the largest integer version folder under model_dir (1 when there is none)."""
-    versions = [int(p.name) for p in Path(model_dir).glob("*") if p.is_dir() and p.name.isdigit()]
+    versions = [int(p.name) for p in Path(model_dir).glob("*")
+                if p.is_dir() and is_version_name(p.name)]
     return max(versions, default=0) + 1
 
 
@@ -171,4 +182,4 @@ def read_asset(path, name=CLASSES_ASSET):
 def versions(model_dir):
     """{version number: path} of the SavedModel versions under model_dir."""
     return {int(p.name): p for p in Path(model_dir).glob("*")
-            if p.name.isdigit() and (p / "saved_model.pb").is_file()}
+            if is_version_name(p.name) and (p / "saved_model.pb").is_file()}

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -19,6 +20,22 @@ def atomic_path(path):
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def require_writable(folder, what):
+    """Make folder and try creating a file in it, before any work is done for it: ValueError
+    naming `what` (the option and its value) where it cannot be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what}: {folder} is a file, not a folder; choose another place.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"{what}: cannot write in {folder} ({error.strerror or error}); "
+                         "choose a folder you can write to.") from None
 
 
 def cache_home():

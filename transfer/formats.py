@@ -6,7 +6,9 @@ assets.extra/ folder with labels.txt. Each one is run on held-out images and com
 the SavedModel: float formats must match its probabilities, quantized ones its top-1 class.
 """
 
+import contextlib
 import dataclasses
+import io
 import logging
 import statistics
 import time
@@ -100,7 +102,13 @@ def _tflite(model, precision, calibration_images):
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8  # raw pixels are uint8 already
         converter.inference_output_type = tf.uint8
-    return converter.convert()
+    # The converter exports the model through Keras's ExportArchive without verbose=False,
+    # which prints every endpoint's TensorSpec (hundreds of lines) to stdout; errors are
+    # raised, and TensorFlow's own warnings go to stderr, so neither is lost.
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        converted = converter.convert()
+    log.debug("The TFLite converter printed: %s", printed.getvalue())
+    return converted
 
 
 def bias_corrected(model, images, batch_size=32):

@@ -1,6 +1,7 @@
 """Decoding image files: every file either becomes an RGB array or an ImageError saying why."""
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -25,11 +26,9 @@ def open_rgb(path):
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageError("zero bytes")
-        with warnings.catch_warnings():
+        with _open_regular(path) as handle, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(handle) as image:
                 if image.format not in SUPPORTED_FORMATS:
                     raise ImageError(f"unsupported format: {image.format} "
                                      f"(supported: {', '.join(SUPPORTED_FORMATS)})")
@@ -43,10 +42,6 @@ def open_rgb(path):
                 return _to_rgb(image)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError("missing: a broken link or a deleted file") from None
-    except PermissionError:
-        raise ImageError("not readable: permission denied") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -56,6 +51,44 @@ def open_rgb(path):
         message = str(error) or type(error).__name__
         reason = "truncated" if "truncated" in message.lower() else "cannot decode"
         raise ImageError(f"{reason}: {message}") from None
+
+
+def _open_regular(path):
+    """A binary file object for path, or ImageError. Only a regular file is opened: a FIFO
+    would wait for a writer, /dev/zero never ends and opening some devices acts on them."""
+    try:
+        kind = _file_kind(os.stat(path).st_mode)
+        if kind is not None:
+            raise ImageError(f"not a regular file: {kind}")
+        # O_NONBLOCK, and the opened file's status checked again, in case it was replaced.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ImageError("missing: a broken link or a deleted file") from None
+    except PermissionError:
+        raise ImageError("not readable: permission denied") from None
+    except OSError as error:  # a link that loops, a name too long
+        raise ImageError(f"not readable: {error.strerror or error}") from None
+    try:
+        status = os.fstat(descriptor)
+        kind = _file_kind(status.st_mode)
+        if kind is not None:
+            raise ImageError(f"not a regular file: {kind}")
+        if status.st_size == 0:
+            raise ImageError("zero bytes")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _file_kind(mode):
+    """What a file that is not a regular file is (None for a regular file)."""
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "an unknown kind of file"
 
 
 def decode_workers():

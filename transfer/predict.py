@@ -71,20 +71,26 @@ class Predictor:
 
 def expand_paths(inputs):
     """(paths, problems, skipped): files as given plus images found in folders, recursively;
-    (path, reason) for links that were not followed; and the folders' hidden files and files
-    without an image extension. A bad file gets its error row later."""
+    (path, reason) for links that were not followed and folders that cannot be read; and the
+    folders' hidden files and files without an image extension. A bad file gets its error row
+    later."""
     paths, problems, skipped = [], [], []
     for item in map(Path, inputs):
+        try:
+            item.lstat()  # a broken link is there: it gets its error row
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(f"{item} does not exist; expected image files or folders "
+                                    "of them.") from None
+        except OSError as error:  # in a folder this user may not look into
+            problems.append((item, f"not readable: {(error.strerror or str(error)).lower()}"))
+            continue
         if item.is_dir():
             listing = list_images(item)
             paths += listing.images
             problems += listing.problems
             skipped += listing.skipped
-        elif item.exists() or item.is_symlink():  # a broken link gets its error row
-            paths.append(item)
         else:
-            raise FileNotFoundError(f"{item} does not exist; expected image files or folders "
-                                    "of them.")
+            paths.append(item)
     return paths, problems, skipped
 
 

@@ -48,7 +48,7 @@ def build(cfg, spec, num_classes, image_size):
     model = build_classifier(spec, num_classes, image_size, cfg.weights, cfg.dropout)
     for phase in cfg.phases(spec.cut):
         if phase.unfreeze_from:
-            cut_index(backbone_of(model), phase.unfreeze_from)
+            cut_index(backbone_of(model), phase.unfreeze_from, spec.name)
     return model
 
 
