@@ -107,7 +107,8 @@ def tiny_config(dataset, tmp_path):
         settings = dict(data=str(dataset), backbone=TINY_BACKBONE, weights="none",
                         image_size=TINY_SIZE, batch_size=4, epochs=2, fine_tune_epochs=2,
                         fine_tune_learning_rate=1e-3, runs_dir=str(tmp_path / "runs"),
-                        evaluate=False)  # the report has its own tests, on trained_run
+                        evaluate=False,  # the report has its own tests, on trained_run
+                        head="adam")  # epochs of both phases; test_head.py solves the head
         return resolve(None, settings | overrides)
 
     return build

@@ -36,8 +36,8 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, ca
                "signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(main())",
                "train", "--data", str(dataset),
                "--backbone", "vgg16", "--weights", "none", "--image-size", str(TINY_SIZE),
-               "--batch-size", "8", "--epochs", "6", "--fine-tune-epochs", "4",
-               "--patience", "20", "--runs-dir", str(runs), *options]
+               "--batch-size", "8", "--head", "adam", "--epochs", "6",
+               "--fine-tune-epochs", "4", "--patience", "20", "--runs-dir", str(runs), *options]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300

@@ -47,11 +47,13 @@ def tiny_model_and_feeds(request, dataset, tiny_config):
                                     splits["validation"], images, verbose=0)
 
 
-def test_phase_one_trains_the_head_only(tiny_model_and_feeds, tmp_path):
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_phase_one_trains_the_head_only(tiny_model_and_feeds, tmp_path, solver):
     spec, model, feeds = tiny_model_and_feeds
     backbone = backbone_of(model)
     before, head_before = _weights_by_layer(backbone), model.get_layer("probabilities").get_weights()
-    fit_phases(model, [Phase("head", 2, 1e-2, None)], feeds, tmp_path, patience=5, verbose=0)
+    fit_phases(model, [Phase("head", 2, 1e-2, None, solver)], feeds, tmp_path, patience=5,
+               verbose=0)
     assert _changed(before, _weights_by_layer(backbone)) == set()
     assert not np.array_equal(head_before[0], model.get_layer("probabilities").get_weights()[0])
 

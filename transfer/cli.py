@@ -80,6 +80,7 @@ def build_parser():
                                                          "images, or of the --label-pattern "
                                                          "files")
     add_settings(evaluate, ("labels", "label_pattern"))
+    add_settings(evaluate, ("tta",), default="as the run was trained")
     evaluate.add_argument("--output", help="where report.html, metrics.json and the PNGs go "
                                            "(default: the run directory)")
 
@@ -106,6 +107,7 @@ def build_parser():
                         help="validation images the export is checked and measured on")
     export.add_argument("--calibration-images", type=int, default=200,
                         help="training images that calibrate int8 quantization")
+    add_settings(export, ("tta",), default="as the run was trained")
 
     serve = commands.add_parser("serve", help="serve an export over TensorFlow Serving's REST API")
     serve.set_defaults(command=cmd_serve)
@@ -143,13 +145,15 @@ def build_parser():
     predict.add_argument("--explain", metavar="DIR",
                          help="also write a Grad-CAM overlay of each image into DIR (needs a "
                               "run directory or .keras model)")
+    add_settings(predict, ("tta",), default="as the run was trained")
     return parser
 
 
-def add_settings(parser, names=None):
+def add_settings(parser, names=None, default=None):
     """An option per TrainConfig field (or those of `names`), as the field declares it:
     --fine-tune-epochs for fine_tune_epochs, --augment/--no-augment for a bool. Defaults stay
-    None ("not given"), so a config file's value is only overridden by an option typed."""
+    None ("not given"), so a config file's value is only overridden by an option typed;
+    `default` says in the help what that means where it is not TrainConfig's default."""
     import dataclasses
 
     from transfer.config import TrainConfig, value_type
@@ -157,9 +161,11 @@ def add_settings(parser, names=None):
     for field in dataclasses.fields(TrainConfig):
         if names is not None and field.name not in names:
             continue
-        kind, default = value_type(field), field.default
-        shown = ("on" if default else "off") if kind is bool else default
-        help_text = field.metadata["help"] + ("" if default is None else f" (default: {shown})")
+        kind = value_type(field)
+        shown = ("on" if field.default else "off") if kind is bool else field.default
+        help_text = field.metadata["help"] + (f" (default: {default})" if default else
+                                              "" if field.default is None else
+                                              f" (default: {shown})")
         option = "--" + field.name.replace("_", "-")
         if kind is bool:
             parser.add_argument(option, action=argparse.BooleanOptionalAction, help=help_text)
@@ -246,7 +252,7 @@ def cmd_evaluate(args):
     from transfer.evaluate import evaluate_folder
 
     print(evaluate_folder(args.model, args.data_folder, args.output, args.labels,
-                          args.label_pattern) / "report.html")
+                          args.label_pattern, args.tta) / "report.html")
 
 
 def cmd_inspect(args):
@@ -273,7 +279,7 @@ def cmd_export(args):
                else latest_run(Path(args.runs_dir) / dataset_name(args.data)))
     target, reports = export_run(run_dir, args.name, args.output,
                                  [f for f in args.format if f != "savedmodel"],
-                                 args.eval_images, args.calibration_images)
+                                 args.eval_images, args.calibration_images, args.tta)
     if reports is not None:
         from transfer.formats import table
 
@@ -322,7 +328,7 @@ def cmd_predict(args):
         raise FileNotFoundError(f"No images found in {', '.join(args.images)} ({len(skipped)} "
                                 "non-image or hidden file(s) skipped); expected files ending in "
                                 f"{', '.join(IMAGE_EXTENSIONS)}.")
-    predictor = Predictor(args.model)
+    predictor = Predictor(args.model, args.tta)
     if args.explain:
         predictor.require_keras("--explain")
     if args.classes:

@@ -10,6 +10,7 @@ from transfer.distribute import PRECISIONS, STRATEGIES
 
 FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 CLASS_WEIGHT_MODES = ("auto", "balanced", "none")
+HEAD_SOLVERS = ("lbfgs", "adam")
 WEIGHT_CHOICES = "imagenet | none | PATH to a weights file"
 
 
@@ -21,6 +22,7 @@ class Phase:
     epochs: int
     learning_rate: float
     unfreeze_from: str | None
+    solver: str = "adam"  # "lbfgs": the head solved to convergence (transfer.head)
 
 
 def setting(default, help, choices=None):
@@ -46,8 +48,12 @@ class TrainConfig:
     weights: str = setting("imagenet", WEIGHT_CHOICES)
     image_size: int | None = setting(None, "input size (default: the backbone's)")
     batch_size: int = setting(32, "images per training step (per replica)")
-    epochs: int = setting(10, "phase 1 (head) epochs")
-    learning_rate: float = setting(1e-3, "phase 1 learning rate")
+    head: str = setting("lbfgs", "how phase 1 fits the head: lbfgs solves the softmax "
+                                 "regression on the cached features to convergence, its L2 "
+                                 "strength chosen on the validation images; adam trains it "
+                                 "for --epochs at --learning-rate", HEAD_SOLVERS)
+    epochs: int = setting(10, "phase 1 (head) epochs, with --head adam")
+    learning_rate: float = setting(1e-3, "phase 1 learning rate, with --head adam")
     fine_tune_epochs: int = setting(10, "phase 2 epochs; 0 skips phase 2")
     fine_tune_learning_rate: float = setting(1e-5, "phase 2 learning rate")
     fine_tune_from: str | None = setting(None, "layer-name prefix to fine-tune from "
@@ -68,6 +74,9 @@ class TrainConfig:
     zoom: float = setting(0.1, "zoom augmentation factor")
     translation: float = setting(0.1, "translation augmentation factor")
     contrast: float = setting(0.1, "contrast augmentation factor")
+    tta: bool = setting(False, "test-time augmentation: evaluation, predict and export "
+                               "average each image's probabilities with its mirror images' "
+                               "(the flips of --flip)")
     runs_dir: str = setting("runs", "where run directories go")
     evaluate: bool = setting(True, "write the evaluation report (report.html, metrics.json) on "
                                    "the validation images at the end")
@@ -86,7 +95,7 @@ class TrainConfig:
 
     def phases(self, cut):
         """Phase 1 on the frozen backbone, then phase 2 from `cut` unless it has 0 epochs."""
-        phases = [Phase("head", self.epochs, self.learning_rate, None)]
+        phases = [Phase("head", self.epochs, self.learning_rate, None, self.head)]
         if self.fine_tune_epochs > 0:
             phases.append(Phase("fine_tune", self.fine_tune_epochs,
                                 self.fine_tune_learning_rate, self.fine_tune_from or cut))

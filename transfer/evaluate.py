@@ -22,11 +22,11 @@ GALLERY = 12  # images in the gallery of confident mistakes
 GRADCAM_SAMPLES = 6  # correct and wrong images each, with Grad-CAM
 
 
-def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=None):
+def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=None, tta=None):
     """Evaluate on a folder's images: <class>/ folders, a label file or file-name labels;
     returns the output folder (default: the run directory, or the .keras file's folder)."""
     from transfer.layouts import check_layout, find_layout, resolve
-    from transfer.runs import load_run_model
+    from transfer.runs import load_run_model, tta_flip
 
     model, classes, run_dir = load_run_model(model_path)
     if folder is None and labels is None:
@@ -46,7 +46,8 @@ def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=
     target = (Path(output) if output
               else run_dir or (model_path if model_path.is_dir() else model_path.parent))
     evaluate(model, classes, [p for p, _ in paths], [l for _, l in paths], target,
-             run_dir=run_dir, set_aside=set_aside, split=f"{folder.resolve().name}/")
+             run_dir=run_dir, set_aside=set_aside, split=f"{folder.resolve().name}/",
+             flips=tta_flip(run_dir, tta))
     return target
 
 
@@ -63,16 +64,21 @@ def predict_files(model, paths, batch_size=32):
     return images, probabilities
 
 
-def accuracy(model, paths, labels):
-    return float((predict_files(model, paths)[1].argmax(axis=1) == np.asarray(labels)).mean())
+def accuracy(model, paths, labels, flips="none"):
+    from transfer.model import with_tta
+
+    probabilities = predict_files(with_tta(model, flips), paths)[1]
+    return float((probabilities.argmax(axis=1) == np.asarray(labels)).mean())
 
 
 def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
-             split="validation", test_accuracy=None):
+             split="validation", test_accuracy=None, flips="none"):
     """Write metrics.json, report.html and its PNGs into output; returns the metrics.
 
     split names the images on the page ("validation", "test", a folder's name); test_accuracy,
     when given, is shown beside them, with a link to the test images' report in output/test/.
+    flips: the probabilities average each image with its mirror images of these flips
+    (model.with_tta); "none", the image alone.
     """
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
@@ -83,7 +89,9 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
         raise ValueError("No readable images to evaluate on; expected <folder>/<class>/*.jpg.")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    images, probabilities = predict_files(model, paths)
+    from transfer.model import with_tta
+
+    images, probabilities = predict_files(with_tta(model, flips), paths)
     labels = np.asarray(labels)
     predicted = probabilities.argmax(axis=1)
     per_class, macro = class_scores(labels, predicted, classes)
@@ -97,7 +105,7 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
     right = right[np.argsort(-confidence[right])]
     metrics = {
         "split": split, "images": len(paths), "accuracy": float((predicted == labels).mean()),
-        "roc_auc": auc, "test_accuracy": test_accuracy,
+        "roc_auc": auc, "test_accuracy": test_accuracy, "tta": flips,
         "classes": classes, "per_class": per_class, "macro_avg": macro,
         "confusion_matrix": matrix.tolist(),
         "most_confidently_wrong": [

@@ -30,6 +30,24 @@ def build_classifier(spec, num_classes, image_size, weights="imagenet", dropout=
     return keras.Model(inputs, outputs, name=f"transfer_{spec.name}")
 
 
+# The axes each mirror image flips, for each of TrainConfig's flip modes (NHWC: 1 rows, 2 columns).
+TTA_FLIPS = {"horizontal": ((2,),), "vertical": ((1,),),
+             "horizontal_and_vertical": ((2,), (1,), (1, 2)), "none": ()}
+
+
+def with_tta(model, flip="horizontal"):
+    """The classifier's probabilities averaged over each image and its mirror images
+    (test-time augmentation): the flips training augmented with (`flip`, as TrainConfig
+    names them). A model sharing the classifier's layers; with flip "none", the model."""
+    axes = TTA_FLIPS[flip]
+    if not axes:
+        return model
+    inputs = keras.Input(model.input_shape[1:], name=INPUT_NAME)
+    views = [model(inputs)] + [model(keras.ops.flip(inputs, axis=flipped)) for flipped in axes]
+    outputs = keras.layers.Average(name="tta_average", dtype="float32")(views)
+    return keras.Model(inputs, outputs, name=f"{model.name}_tta")
+
+
 def backbone_of(model):
     """The backbone: the one nested Model inside a classifier."""
     return next(layer for layer in model.layers if isinstance(layer, keras.Model))

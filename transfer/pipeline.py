@@ -94,7 +94,7 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, jit
     """Fit; then the learning curves, the reports on the test images (test/) and on the
     validation images, and summary.json, which marks the run finished."""
     from transfer.evaluate import accuracy, evaluate, plot_learning_curves
-    from transfer.runs import read_bad_files
+    from transfer.runs import read_bad_files, tta_flip
     from transfer.train import fit_run, write_summary
 
     started = time.time()
@@ -104,31 +104,34 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, jit
     seconds = time.time() - started  # training's; the reports after it are not counted
     test = splits.get("test")
     test_accuracy = None
+    flips = tta_flip(run_dir)
     if cfg.evaluate:
         if test:
             test_accuracy = evaluate(model, classes, test.paths, test.labels, run_dir / "test",
-                                     run_dir=run_dir, split="test")["accuracy"]
+                                     run_dir=run_dir, split="test", flips=flips)["accuracy"]
         evaluate(model, classes, splits["validation"].paths, splits["validation"].labels,
                  run_dir, run_dir=run_dir, set_aside=read_bad_files(run_dir),
-                 split="validation", test_accuracy=test_accuracy)
+                 split="validation", test_accuracy=test_accuracy, flips=flips)
     elif test:
-        test_accuracy = accuracy(model, test.paths, test.labels)
+        test_accuracy = accuracy(model, test.paths, test.labels, flips)
     write_summary(run_dir, history, seconds, test_accuracy)
     return run_dir
 
 
 def export_run(run_dir, name=None, output="saved_models", formats=(), eval_images=1000,
-               calibration_images=200):
+               calibration_images=200, tta=None):
     """Export a finished run as saved_models/<name>/<next version>/, checked against the
-    model; with formats ("tflite", "onnx") also those, each measured against it.
+    model; with formats ("tflite", "onnx") also those, each measured against it. With
+    test-time augmentation (`tta`, default: the run's setting) the signatures average each
+    image with its mirror images inside the graph.
 
     Returns (the version folder, the formats' reports or None); a format that misses its bar
     is kept, and its report (formats.json) says so.
     """
     from transfer.data import dataset_name
     from transfer.export import export_savedmodel
-    from transfer.model import load_model
-    from transfer.runs import sample_images
+    from transfer.model import load_model, with_tta
+    from transfer.runs import sample_images, tta_flip
 
     run_dir = Path(run_dir)
     model_file = run_dir / "model.keras"
@@ -140,11 +143,16 @@ def export_run(run_dir, name=None, output="saved_models", formats=(), eval_image
     name = (name or run_config.get("data_name")  # older runs: their data folder's name
             or Path(dataset_name(run_config["data_dir"])).name)
     model = load_model(model_file)
+    flips = tta_flip(run_dir, tta)
+    if flips != "none" and formats:
+        raise ValueError(f"--format {' '.join(formats)} converts the model without test-time "
+                         "augmentation; export those with --no-tta.")
+    run_config = run_config | {"tta": flips != "none"}
     size = model.input_shape[1]
     # Conversions are measured on eval_images; the SavedModel alone is checked on a few.
     check_images, check_labels = sample_images(run_dir, "validation", size,
                                                eval_images if formats else 8)
-    target = export_savedmodel(model, classes, Path(output) / name,
+    target = export_savedmodel(with_tta(model, flips), classes, Path(output) / name,
                                sample_images=check_images[:8], config=run_config)
     if not formats:
         return target, None

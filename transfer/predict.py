@@ -15,9 +15,13 @@ MODEL_FORMATS = ("a .keras file with classes.json beside it", "a run directory h
 
 
 class Predictor:
-    """A trained classifier from a .keras file or an exported SavedModel."""
+    """A trained classifier from a .keras file or an exported SavedModel.
 
-    def __init__(self, path):
+    tta: average each image with its mirror images (model.with_tta); None: as the run was
+    configured, or as the SavedModel was exported (its signatures then average in the graph).
+    """
+
+    def __init__(self, path, tta=None):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"Model {path} does not exist; expected "
@@ -34,26 +38,35 @@ class Predictor:
         self.path = path
         self.model = None  # the Keras model, when loaded from one
         if path.is_dir():
-            self._load_savedmodel(path)
+            self._load_savedmodel(path, tta)
         elif path.suffix == ".keras":
-            self._load_keras(path)
+            self._load_keras(path, tta)
         else:
             raise ValueError(f"{path} is not a model; expected {', '.join(MODEL_FORMATS)}.")
 
-    def _load_keras(self, path):
-        from transfer.runs import load_keras
+    def _load_keras(self, path, tta):
+        from transfer.model import with_tta
+        from transfer.runs import load_keras, tta_flip
 
         model, self.classes = load_keras(path)
         self.model = model
         self.image_size = model.input_shape[1]
-        self._predict = lambda images: np.asarray(model(images, training=False))
+        run_dir = path.parent if (path.parent / "config.json").is_file() else None
+        predicting = with_tta(model, tta_flip(run_dir, tta))
+        self._predict = lambda images: np.asarray(predicting(images, training=False))
 
-    def _load_savedmodel(self, path):
+    def _load_savedmodel(self, path, tta):
         import tensorflow as tf
 
-        from transfer.export import IMAGES_INPUT, SIGNATURE, read_asset
+        from transfer.export import CONFIG_ASSET, IMAGES_INPUT, SIGNATURE, read_asset
 
         self.classes = read_asset(path)
+        exported = (path / "assets.extra" / CONFIG_ASSET).is_file() and bool(
+            read_asset(path, CONFIG_ASSET).get("tta"))
+        if tta is not None and tta != exported:
+            raise ValueError(f"{path} was exported {'with' if exported else 'without'} "
+                             f"test-time augmentation; drop --{'no-' if exported else ''}tta, "
+                             f"or export the run again with --{'' if tta else 'no-'}tta.")
         signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
         self.image_size = signature.structured_input_signature[1][IMAGES_INPUT].shape[1]
         self._predict = lambda images: signature(

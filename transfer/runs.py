@@ -116,6 +116,14 @@ def load_run_model(path):
     return *load_keras(model_file), run_dir
 
 
+def tta_flip(run_dir, tta=None):
+    """The flips test-time augmentation averages over for a run's model: its training flips
+    when `tta` (default: the run's own tta setting) is on, else "none"."""
+    config = json.loads((Path(run_dir) / "config.json").read_text()) if run_dir else {}
+    wanted = config.get("tta", False) if tta is None else tta
+    return config.get("flip", "horizontal") if wanted else "none"
+
+
 def sample_images(run_dir, split, size, count, seed=0):
     """Up to `count` decoded images of a run's split (seeded sample) and their labels."""
     from transfer.images import ImageError, load_image

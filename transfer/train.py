@@ -143,6 +143,8 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
     Progress lives in run_dir (history.csv, best weights, state.json and a BackupAndRestore
     checkpoint), so calling this again on the same run_dir continues where it stopped.
     """
+    from transfer.cache import Views
+    from transfer.head import solve_head
     from transfer.model import backbone_of, count_trainable, set_trainable
 
     run_dir = Path(run_dir)
@@ -172,12 +174,25 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
                    or (resumed is not None and row["epoch"] <= resumed)]
         tracker = PhaseTracker(model, phase.name, phase.learning_rate, history, run_dir,
                                patience)
-        log.info("Phase %s: %s trainable weights (%s), %d epochs at learning rate %g, on %s%s",
+        solved = phase.solver == "lbfgs" and isinstance(train_data, Views)
+        if phase.solver == "lbfgs" and not solved:
+            log.info("Phase %s is fitted by Adam: solving it needs the cached features.",
+                     phase.name)
+        log.info("Phase %s: %s trainable weights (%s), %s, on %s%s",
                  phase.name, f"{count_trainable(model):,}",
                  f"from {phase.unfreeze_from}" if phase.unfreeze_from else "backbone frozen",
-                 phase.epochs, phase.learning_rate, fed,
+                 "solved by L-BFGS" if solved else
+                 f"{phase.epochs} epochs at learning rate {phase.learning_rate:g}", fed,
                  f"; resuming after epoch {resumed}" if resumed is not None else "")
-        if not tracker.finished(offset + phase.epochs):
+        extra = {}
+        if solved:
+            tracker.set_model(fit_model)
+            if not tracker.finished(offset + 1):
+                logs = solve_head(model.get_layer("probabilities"), train_data, val_data,
+                                  class_weight)
+                extra["l2_c"] = logs.pop("l2_c")
+                tracker.on_epoch_end(offset, logs)
+        elif not tracker.finished(offset + phase.epochs):
             # BackupAndRestore sets this private start epoch and nothing resets it: clear it so
             # only this phase's own checkpoint can move the start past `offset`.
             fit_model._initial_epoch = None
@@ -192,7 +207,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
             raise ValueError(f"Training diverged: the validation loss of phase {phase.name} was "
                              f"never a number. Lower the learning rate ({phase.learning_rate:g}).")
         completed.append(phase.name)
-        timings[phase.name] = {"seconds": round(time.time() - started, 1), "fed": fed}
+        timings[phase.name] = {"seconds": round(time.time() - started, 1), "fed": fed, **extra}
         write_json(run_dir / STATE, {"completed": completed, "phases": timings})
         shutil.rmtree(run_dir / "backup" / phase.name, ignore_errors=True)
         log.info("Phase %s: %d epochs in %.0f s, best val_loss so far %.4f", phase.name,
