@@ -25,9 +25,9 @@ from transfer.pipeline import train
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 data, runs, strategy, batch, rate = sys.argv[1:6]
 cfg = resolve(None, dict(data=data, backbone="vgg16", weights="none", image_size={size},
-                         batch_size=int(batch), learning_rate=float(rate), epochs=2,
-                         fine_tune_epochs=0, dropout=0.0, augment=False, evaluate=False,
-                         strategy=strategy, runs_dir=runs))
+                         batch_size=int(batch), learning_rate=float(rate), head="adam",
+                         epochs=2, fine_tune_epochs=0, dropout=0.0, augment=False,
+                         evaluate=False, strategy=strategy, runs_dir=runs))
 run_dir = train(cfg, verbose=0)
 np.savez(run_dir / "final.npz", *load_model(run_dir / "model.keras").get_weights())
 print(run_dir)
