@@ -186,9 +186,9 @@ def stratified_split(split, fraction, seed, part="validation"):
             list(split.paths), list(split.labels), test_size=fraction, random_state=seed,
             stratify=list(split.labels))
     except ValueError as error:  # too few images for every class to be on both sides
-        raise ValueError(f"Too few images for a stratified {part} split of {fraction:g} "
-                         f"({error}). Add images, change --{part}-split, or add a "
-                         f"{part}/<class>/ folder.") from None
+        raise ValueError(f"There are too few images for a stratified {part} split of "
+                         f"{fraction:g} ({error}). Add images, change --{part}-split, or add "
+                         f"a {part}/<class>/ folder.") from None
     return Split(tuple(train_paths), tuple(train_labels)), Split(tuple(val_paths), tuple(val_labels))
 
 
