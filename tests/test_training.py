@@ -58,14 +58,15 @@ def test_phase_one_trains_the_head_only(tiny_model_and_feeds, tmp_path, solver):
     assert not np.array_equal(head_before[0], model.get_layer("probabilities").get_weights()[0])
 
 
+@pytest.mark.parametrize("schedule, ema", [("constant", 0.0), ("cosine", 0.9)])
 def test_phase_two_changes_only_layers_after_the_cut_and_no_batchnorm(tiny_model_and_feeds,
-                                                                     tmp_path):
+                                                                     tmp_path, schedule, ema):
     spec, model, feeds = tiny_model_and_feeds
     backbone = backbone_of(model)
     before = _weights_by_layer(backbone)
     # Phase 2 alone: with a phase before it, weights that lose to that phase are rolled back.
-    history = fit_phases(model, [Phase("fine_tune", 2, 1e-2, spec.cut)], feeds, tmp_path,
-                         patience=5, verbose=0)
+    history = fit_phases(model, [Phase("fine_tune", 2, 1e-2, spec.cut, schedule=schedule,
+                                       ema=ema)], feeds, tmp_path, patience=5, verbose=0)
     changed = _changed(before, _weights_by_layer(backbone))
     start = cut_index(backbone, spec.cut)
     after_cut = {layer.name for layer in backbone.layers[start:]}
@@ -78,6 +79,34 @@ def test_phase_two_changes_only_layers_after_the_cut_and_no_batchnorm(tiny_model
     for name in batchnorm:
         for a, b in zip(before[name], _weights_by_layer(backbone)[name]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_cosine_schedule_warms_up_for_an_epoch_then_decays_to_zero(tiny_model_and_feeds,
+                                                                  tmp_path):
+    spec, model, feeds = tiny_model_and_feeds
+    history = fit_phases(model, [Phase("head", 3, 1e-2, None, schedule="cosine")], feeds,
+                         tmp_path, patience=5, verbose=0)
+    # Logged at each epoch's end: the warmup's peak, half way down the cosine, and 0.
+    np.testing.assert_allclose([row["learning_rate"] for row in history], [1e-2, 5e-3, 0],
+                               atol=1e-7)
+
+
+def test_the_averaged_weights_are_the_ones_validated_and_kept(tiny_model_and_feeds, tmp_path):
+    spec, model, feeds = tiny_model_and_feeds
+    head = model.get_layer("probabilities")
+
+    def moved(ema, run):
+        start = head.kernel.numpy().copy()
+        (tmp_path / run).mkdir()
+        fit_phases(model, [Phase("head", 2, 1e-1, None, ema=ema)], feeds, tmp_path / run,
+                   patience=5, verbose=0)
+        return np.abs(head.kernel.numpy() - start).max()
+
+    # Keras starts the average at the weights after the first step (Adam moves each weight
+    # by about the learning rate in it); at momentum 0.999 the average then hardly moves. So
+    # kept weights that moved as far as plain Adam's are not the average.
+    averaged, plain = moved(0.999, "averaged"), moved(0.0, "plain")
+    assert averaged < 1.1e-1 < plain
 
 
 def test_set_trainable_freezes_batchnorm_and_everything_before_the_cut():

@@ -11,6 +11,7 @@ from transfer.distribute import PRECISIONS, STRATEGIES
 FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 CLASS_WEIGHT_MODES = ("auto", "balanced", "none")
 HEAD_SOLVERS = ("lbfgs", "adam")
+SCHEDULES = ("cosine", "constant")
 WEIGHT_CHOICES = "imagenet | none | PATH to a weights file"
 
 
@@ -23,6 +24,8 @@ class Phase:
     learning_rate: float
     unfreeze_from: str | None
     solver: str = "adam"  # "lbfgs": the head solved to convergence (transfer.head)
+    schedule: str = "constant"  # or "cosine": warmed up for an epoch, then decayed to 0
+    ema: float = 0.0  # the momentum of the weights' moving average validated and kept; 0: off
 
 
 def setting(default, help, choices=None):
@@ -56,6 +59,11 @@ class TrainConfig:
     learning_rate: float = setting(1e-3, "phase 1 learning rate, with --head adam")
     fine_tune_epochs: int = setting(10, "phase 2 epochs; 0 skips phase 2")
     fine_tune_learning_rate: float = setting(1e-5, "phase 2 learning rate")
+    schedule: str = setting("constant", "each Adam phase's learning rate: constant, or cosine "
+                                        "(one epoch's linear warmup, then decayed to 0)",
+                            SCHEDULES)
+    ema: float = setting(0.0, "momentum of an exponential moving average of the weights in "
+                              "each Adam phase, which is validated and kept (e.g. 0.99); 0: off")
     fine_tune_from: str | None = setting(None, "layer-name prefix to fine-tune from "
                                                "(default: the backbone table's cut)")
     dropout: float = setting(0.2, "dropout before the head's Dense layer")
@@ -95,10 +103,12 @@ class TrainConfig:
 
     def phases(self, cut):
         """Phase 1 on the frozen backbone, then phase 2 from `cut` unless it has 0 epochs."""
-        phases = [Phase("head", self.epochs, self.learning_rate, None, self.head)]
+        phases = [Phase("head", self.epochs, self.learning_rate, None, self.head,
+                        self.schedule, self.ema)]
         if self.fine_tune_epochs > 0:
             phases.append(Phase("fine_tune", self.fine_tune_epochs,
-                                self.fine_tune_learning_rate, self.fine_tune_from or cut))
+                                self.fine_tune_learning_rate, self.fine_tune_from or cut,
+                                schedule=self.schedule, ema=self.ema))
         return phases
 
     def validate(self):
@@ -128,6 +138,8 @@ class TrainConfig:
             if not getattr(self, key) > 0:
                 raise ValueError(f"{_option(key)} must be positive; "
                                  f"received {getattr(self, key)}.")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"{_option('ema')} must be 0 (off) or in (0, 1); received {self.ema}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"{_option('dropout')} must be in [0, 1); received {self.dropout}.")
         if not 0 < self.validation_split < 1:

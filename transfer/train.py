@@ -163,7 +163,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         started = time.time()
         set_trainable(backbone_of(model), phase.unfreeze_from)
         fit_model, train_data, val_data, fed = feeds(phase)
-        fit_model.compile(optimizer=keras.optimizers.Adam(phase.learning_rate),
+        fit_model.compile(optimizer=_optimizer(phase, _steps_per_epoch(train_data)),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                           jit_compile=jit_compile)
         # Kept until state.json says the phase is done, so no moment loses a finished phase.
@@ -197,7 +197,11 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
             # only this phase's own checkpoint can move the start past `offset`.
             fit_model._initial_epoch = None
             fit_model.fit(train_data, validation_data=val_data, epochs=offset + phase.epochs,
-                          initial_epoch=offset, callbacks=[tracker, backup], verbose=verbose,
+                          initial_epoch=offset, verbose=verbose,
+                          # the averaged weights in the model from each epoch's end: validated,
+                          # tracked and backed up
+                          callbacks=[*([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)]
+                                       if phase.ema else []), tracker, backup],
                           class_weight=class_weight,
                           shuffle=False)  # the data shuffles itself
         history = tracker.history
@@ -228,6 +232,7 @@ class PhaseTracker(keras.callbacks.Callback):
         super().__init__()
         self.classifier = classifier
         self.phase, self.learning_rate = phase, learning_rate
+        self.stepped = False  # True once model.fit drives this tracker (not a solved head)
         self.history, self.run_dir, self.patience = list(history), run_dir, patience
         self.best_loss = min((row["val_loss"] for row in history), default=math.inf)
         losses = [row["val_loss"] for row in history if row["phase"] == phase]
@@ -238,10 +243,15 @@ class PhaseTracker(keras.callbacks.Callback):
         done = [row for row in self.history if row["phase"] == self.phase]
         return self.wait >= self.patience or bool(done and done[-1]["epoch"] >= last_epoch)
 
+    def on_train_begin(self, logs=None):
+        self.stepped = True  # by model.fit's optimizer, whose rate may follow a schedule
+
     def on_epoch_end(self, epoch, logs=None):
+        rate = (float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+                if self.stepped else self.learning_rate)
         row = {"epoch": epoch + 1, "phase": self.phase,
                **{key: float(value) for key, value in (logs or {}).items()},
-               "learning_rate": self.learning_rate}
+               "learning_rate": rate}
         self.history.append(row)
         write_history(self.run_dir / "history.csv", self.history)
         if row["val_loss"] < self.best_loss:
@@ -253,6 +263,29 @@ class PhaseTracker(keras.callbacks.Callback):
             self.wait += 1
             if self.wait >= self.patience:
                 self.model.stop_training = True
+
+
+def _optimizer(phase, steps_per_epoch):
+    """Adam at the phase's learning rate, constant or on a cosine schedule with one epoch's
+    warmup, averaging the weights when the phase says so."""
+    rate = phase.learning_rate
+    if phase.schedule == "cosine":
+        warmup = steps_per_epoch if phase.epochs > 1 else 0
+        rate = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else rate, max(1, phase.epochs * steps_per_epoch - warmup),
+            warmup_target=rate if warmup else None, warmup_steps=warmup)
+    return keras.optimizers.Adam(rate, use_ema=phase.ema > 0, ema_momentum=phase.ema or 0.99)
+
+
+def _steps_per_epoch(data):
+    """Batches per epoch of a PyDataset or a tf.data pipeline of known length."""
+    if hasattr(data, "__len__"):
+        return len(data)
+    steps = int(data.cardinality())
+    if steps < 1:
+        raise ValueError(f"The training data's length is unknown ({steps}); the learning-rate "
+                         "schedule needs it. Use --schedule constant.")
+    return steps
 
 
 def save_weights(model, path):
