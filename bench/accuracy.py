@@ -356,6 +356,28 @@ def keras_home(scratch, shared):
     return models.parent
 
 
+@contextlib.contextmanager
+def bench_space(name, shared, datasets):
+    """(a scratch folder, the real stdout) for a bench over `datasets` of `shared`: KERAS_HOME
+    links the shared checkpoints, TensorFlow is imported quietly, and inside, stdout goes to
+    stderr, so the real stdout holds only the JSON lines."""
+    for dataset in datasets:
+        if not (shared / "datasets" / dataset).is_dir():
+            raise SystemExit(f"{shared / 'datasets' / dataset} is missing; see "
+                             "../shared/README.md, or give --shared.")
+    stdout = sys.stdout
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as scratch:
+        scratch = Path(scratch)
+        # Keras reads KERAS_HOME once, at import: set before anything imports it;
+        # subprocesses inherit it.
+        os.environ["KERAS_HOME"] = str(keras_home(scratch, shared))
+        from transfer.quiet import import_tensorflow
+
+        import_tensorflow()
+        with contextlib.redirect_stdout(sys.stderr):
+            yield scratch, stdout
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", choices=(*DATASETS, "all"), default="all")
@@ -370,28 +392,13 @@ def main():
     datasets = DATASETS if args.data == "all" else (args.data,)
     backbones = BACKBONES if args.backbone == "all" else (args.backbone,)
     systems = SYSTEMS if args.system == "all" else (args.system,)
-    for name in datasets:
-        if not (args.shared / "datasets" / name).is_dir():
-            raise SystemExit(f"{args.shared / 'datasets' / name} is missing; see "
-                             "../shared/README.md, or give --shared.")
-
-    stdout = sys.stdout
-    with tempfile.TemporaryDirectory(prefix="accuracy-") as scratch:
-        scratch = Path(scratch)
-        # Keras reads KERAS_HOME once, at import: set before anything imports it; the
-        # subprocesses inherit both.
-        os.environ["KERAS_HOME"] = str(keras_home(scratch, args.shared))
-        os.environ["TRANSFER_CACHE_HOME"] = str(scratch / "cache")
-        from transfer.quiet import import_tensorflow
-
-        import_tensorflow()
-        with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the JSON lines
-            for name in datasets:
-                for backbone in backbones:
-                    result = bench(name, args.shared / "datasets" / name, backbone, systems,
-                                   args.seeds, scratch, args.limit)
-                    print(json.dumps(result), file=stdout, flush=True)
-
+    with bench_space("accuracy", args.shared, datasets) as (scratch, stdout):
+        os.environ["TRANSFER_CACHE_HOME"] = str(scratch / "cache")  # the subprocesses' own
+        for name in datasets:
+            for backbone in backbones:
+                result = bench(name, args.shared / "datasets" / name, backbone, systems,
+                               args.seeds, scratch, args.limit)
+                print(json.dumps(result), file=stdout, flush=True)
 
 if __name__ == "__main__":
     main()
