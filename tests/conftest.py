@@ -128,6 +128,20 @@ def trained_run(tmp_path_factory):
     return train(cfg, verbose=0), dataset
 
 
+def median_calibration(model, images, temperature=2.0):
+    """A Calibration at `temperature` whose threshold lies halfway between the middle two
+    energy scores of `images`: half of them are unknown, and none is a rounding error from
+    the threshold."""
+    from transfer.calibrate import Calibration
+    from transfer.model import scored
+
+    scores = np.sort(np.asarray(scored(model)(images)["score"]))
+    middle = len(scores) // 2
+    assert scores[middle] - scores[middle - 1] > 1e-3, scores  # else the flags are a coin toss
+    return Calibration(temperature, "energy",
+                       float(scores[middle - 1] + scores[middle]) / 2, 0.5)
+
+
 def png_header_only(width, height):
     """A valid PNG header declaring width x height, with a tiny IDAT: a decompression bomb."""
     def chunk(kind, body):

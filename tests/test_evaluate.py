@@ -16,8 +16,8 @@ from transfer.explain import gradcam
 from transfer.images import load_image
 from transfer.model import backbone_of, image_model, load_model
 
-FIGURES = ("confusion_matrix.png", "learning_curves.png", "gradcam.png", "filters.png",
-           "feature_maps.png")
+FIGURES = ("confusion_matrix.png", "reliability.png", "learning_curves.png", "gradcam.png",
+           "filters.png", "feature_maps.png")
 
 
 def _validation(dataset):
@@ -114,7 +114,7 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
                "--window-size=1280,900", "--dump-dom", (run_dir / "report.html").as_uri()]
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-    for section in ("confusion-matrix", "learning-curves", "top-losses", "gradcam",
+    for section in ("confusion-matrix", "reliability", "learning-curves", "top-losses", "gradcam",
                     "filters", "feature-maps"):
         assert f'id="{section}"' in dom, section
     loaded = re.search(r'data-images-loaded="(\d+)"', dom)

@@ -24,8 +24,10 @@ def test_export_round_trip_and_versions_never_overwrite(trained_run, tmp_path):
     model = load_model(run_dir / "model.keras")
     images = np.stack([load_image(p, TINY_SIZE) for p in
                        list_images(dataset / "validation").images]).astype("float32")
-    first = export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes", images)
-    second = export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes", images)
+    first = export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes",
+                              sample_images=images)
+    second = export_savedmodel(model, ["horizontal", "vertical"], tmp_path / "stripes",
+                               sample_images=images)
     assert (first.name, second.name) == ("1", "2")
     assert next_version(tmp_path / "stripes") == 3
     assert read_asset(second) == ["horizontal", "vertical"]
@@ -39,11 +41,14 @@ def test_export_round_trip_and_versions_never_overwrite(trained_run, tmp_path):
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
     names = [name.decode() for name in served["class_name"].numpy()]
     assert names == [["horizontal", "vertical"][i] for i in expected.argmax(axis=1)]
+    assert served["score"].dtype == tf.float32 and served["score"].shape == (len(images),)
+    assert served["unknown"].dtype == tf.bool and not served["unknown"].numpy().any()
 
     cli = shutil.which("saved_model_cli", path=str(Path(sys.executable).parent))
     shown = subprocess.run([cli, "show", "--dir", str(first), "--all"], capture_output=True,
                            text=True, check=True).stdout
     assert "serving_default" in shown and "images" in shown and "probabilities" in shown
+    assert "score" in shown and "unknown" in shown and "DT_BOOL" in shown
     assert "serve_bytes" in shown and "image_bytes" in shown and "DT_STRING" in shown
 
 
@@ -96,6 +101,8 @@ def test_bytes_signature_matches_the_image_signature_on_the_same_pictures(traine
     by_images = signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(by_bytes["probabilities"].numpy(),
                                by_images["probabilities"].numpy(), atol=0.02)
+    np.testing.assert_allclose(by_bytes["score"].numpy(), by_images["score"].numpy(),
+                               rtol=0.02, atol=0.02)
     np.testing.assert_array_equal(by_bytes["class_index"].numpy(),
                                   by_bytes["probabilities"].numpy().argmax(axis=1))
 

@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from conftest import TINY_SIZE
-from transfer import formats
+from transfer import calibrate, formats
+from transfer.calibrate import Calibration
 from transfer.check import list_images
 from transfer.cli import main
 from transfer.export import export_savedmodel
 from transfer.images import load_image
-from transfer.model import load_model
+from transfer.model import load_model, scored
+
+CALIBRATION = Calibration(temperature=2.0)  # the SavedModel and every format apply it
 
 
 @pytest.fixture(scope="module")
@@ -19,35 +22,48 @@ def converted(trained_run, tmp_path_factory):
     run_dir, dataset = trained_run
     model = load_model(run_dir / "model.keras")
     version = export_savedmodel(model, ["horizontal", "vertical"],
-                                tmp_path_factory.mktemp("formats") / "stripes")
+                                tmp_path_factory.mktemp("formats") / "stripes", CALIBRATION)
     files = list_images(dataset / "validation").images
     images = np.stack([load_image(f, TINY_SIZE) for f in files]).astype("float32")
     labels = np.array([0 if "horizontal" in f.name else 1 for f in files])
-    calibration = np.stack([load_image(f, TINY_SIZE) for f in
-                            list_images(dataset / "train").images]).astype("float32")
-    written = formats.convert(model, ["tflite", "onnx"], version / "assets.extra", calibration)
+    representative = np.stack([load_image(f, TINY_SIZE) for f in
+                               list_images(dataset / "train").images]).astype("float32")
+    written = formats.convert(model, ["tflite", "onnx"], version / "assets.extra",
+                              representative, CALIBRATION)
     reports = formats.evaluate({"savedmodel": version, **written}, images, labels, latency_runs=3)
-    return model, images, written, {r.format: r for r in reports}
+    return model, images, {"savedmodel": version, **written}, {r.format: r for r in reports}
 
 
 def test_every_format_is_written_and_loads(converted):
     _, images, written, reports = converted
-    assert sorted(written) == ["onnx", "tflite_float16", "tflite_float32", "tflite_int8"]
-    assert sorted(reports) == ["onnx", "savedmodel", "tflite_float16", "tflite_float32",
+    assert sorted(written) == ["onnx", "savedmodel", "tflite_float16", "tflite_float32",
                                "tflite_int8"]
+    assert sorted(reports) == sorted(written)
     for name, path in written.items():
-        probabilities = formats.runner(name, path)(images[:3])
-        assert probabilities.shape == (3, 2)
-        np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=0.02)
+        outputs = formats.runner(name, path)(images[:3])
+        assert outputs["probabilities"].shape == (3, 2) and outputs["score"].shape == (3,)
+        np.testing.assert_allclose(outputs["probabilities"].sum(axis=1), 1, atol=0.02)
         assert reports[name].size_mb > 0 and reports[name].latency_ms > 0
 
 
 def test_float_formats_match_the_savedmodel(converted):
-    model, images, _, reports = converted
+    model, images, written, reports = converted
     for name in ("savedmodel", "tflite_float32", "onnx"):
         assert reports[name].ok(), reports[name]
         assert reports[name].max_probability_difference < 1e-4
     assert reports["tflite_float16"].max_probability_difference < 0.05
+    # What they match is the calibrated SavedModel: softmax(logits / 2), and its scores.
+    logits = np.asarray(scored(model, logits=True)(images)["logits"])
+    reference = formats.runner("savedmodel", written["savedmodel"])(images)
+    np.testing.assert_allclose(reference["probabilities"], calibrate.softmax(logits, 2.0),
+                               atol=1e-5)
+    uncalibrated = model.predict(images, verbose=0)
+    assert np.abs(reference["probabilities"] - uncalibrated).max() > 10 * formats.FLOAT_TOLERANCE
+    for name in ("tflite_float32", "onnx"):
+        got = formats.runner(name, written[name])(images)
+        np.testing.assert_allclose(got["probabilities"], reference["probabilities"],
+                                   atol=formats.FLOAT_TOLERANCE)
+        np.testing.assert_allclose(got["score"], reference["score"], rtol=1e-4, atol=1e-4)
     expected = (model.predict(images, verbose=0).argmax(axis=1) ==
                 np.array([0] * 4 + [1] * 4)).mean()
     assert reports["savedmodel"].val_accuracy == pytest.approx(expected)
@@ -60,6 +76,9 @@ def test_int8_model_takes_raw_uint8_pixels(converted):
     interpreter = tf.lite.Interpreter(model_path=str(written["tflite_int8"]))
     details = interpreter.get_input_details()[0]
     assert details["dtype"] == np.uint8 and list(details["shape"]) == [1, TINY_SIZE, TINY_SIZE, 3]
+    outputs = interpreter.get_signature_runner().get_output_details()
+    assert sorted(outputs) == ["probabilities", "score"]  # calibrated, quantized too
+    assert {output["dtype"] for output in outputs.values()} == {np.uint8}
     assert 0 <= reports["tflite_int8"].top1_agreement <= 1
 
 
@@ -169,7 +188,7 @@ def test_tflite_conversion_prints_nothing_of_its_own(capsys):
     import keras
 
     inputs = keras.Input((8, 8, 3), name="images")
-    outputs = keras.layers.Dense(2, activation="softmax")(
+    outputs = keras.layers.Dense(2, activation="softmax", name="probabilities")(
         keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs)))
     model = keras.Model(inputs, outputs)
     converted = formats._tflite(model, "float32", None)

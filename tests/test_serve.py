@@ -22,11 +22,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY_SIZE, png_header_only
+from conftest import REPO, TINY_SIZE, median_calibration, png_header_only
 from transfer.export import export_savedmodel
+from transfer.images import load_image
 from transfer.model import load_model
 
 Served = collections.namedtuple("Served", "base port dataset model process log model_dir")
+
+
+def validation_files(dataset):
+    return sorted((dataset / "validation").rglob("*.jpg"))
 
 
 def start_server(model_dir, log, *options):
@@ -62,13 +67,16 @@ def break_version(folder):
 
 @pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory):
-    """Versions 1 and 2, and a broken version 3 there from the start."""
+    """Versions 1 and 2, calibrated (temperature 2, half the validation images unknown), and
+    a broken version 3 there from the start."""
     run_dir, dataset = trained_run
     root = tmp_path_factory.mktemp("served")
     model_dir = root / "stripes"
     model = load_model(run_dir / "model.keras")
+    pixels = np.stack([load_image(f, TINY_SIZE) for f in validation_files(dataset)])
+    calibration = median_calibration(model, pixels.astype("float32"))
     for _ in range(2):
-        export_savedmodel(model, ["horizontal", "vertical"], model_dir)
+        export_savedmodel(model, ["horizontal", "vertical"], model_dir, calibration)
     shutil.copytree(model_dir / "2", model_dir / "3")
     break_version(model_dir / "3")
     log = root / "server.log"
@@ -140,33 +148,52 @@ def test_status_and_metadata(server):
     assert [d["size"] for d in images["tensor_shape"]["dim"]] == ["-1", str(TINY_SIZE),
                                                                   str(TINY_SIZE), "3"]
     assert defs["serve_bytes"]["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
-    assert set(defs["serving_default"]["outputs"]) == {"probabilities", "class_index", "class_name"}
+    outputs = defs["serving_default"]["outputs"]
+    assert set(outputs) == {"probabilities", "class_index", "class_name", "score", "unknown"}
+    assert outputs["score"]["dtype"] == "DT_FLOAT" and outputs["unknown"]["dtype"] == "DT_BOOL"
+    assert set(defs["serve_bytes"]["outputs"]) == set(outputs)
 
 
-def test_predict_rows_columns_and_bytes_agree_with_the_model(server):
-    files = sorted((server.dataset / "validation" / "vertical").iterdir())[:3]
-    from transfer.images import load_image
+def test_predict_rows_columns_and_bytes_agree_with_the_export(server):
+    """Each prediction holds the export's calibrated probabilities, its score and its unknown
+    flag (JSON true/false), in rows and in columns, from pixels and from image files."""
+    import tensorflow as tf
 
+    files = validation_files(server.dataset)
     pixels = np.stack([load_image(f, TINY_SIZE) for f in files]).astype("float32")
-    expected = server.model.predict(pixels, verbose=0)
+    signatures = tf.saved_model.load(str(server.model_dir / "2")).signatures
+    expected = {key: value.numpy() for key, value in
+                signatures["serving_default"](images=tf.constant(pixels)).items()}
+    assert sorted(set(expected["unknown"].tolist())) == [False, True]
+    assert expected["probabilities"].argmax(axis=1).tolist() == (
+        server.model.predict(pixels, verbose=0).argmax(axis=1).tolist())
+
+    def check(predictions, wanted, atol=1e-5):
+        for key in ("probabilities", "score"):
+            np.testing.assert_allclose([p[key] for p in predictions], wanted[key], atol=atol,
+                                       rtol=1e-5)
+        assert [p["unknown"] for p in predictions] == wanted["unknown"].tolist()
+        assert all(type(p["unknown"]) is bool for p in predictions)
+        assert [p["class_name"] for p in predictions] == [
+            name.decode() for name in wanted["class_name"]]
 
     status, rows = call(server.base + ":predict", {"instances": pixels.tolist()})
     assert status == 200
-    np.testing.assert_allclose([r["probabilities"] for r in rows["predictions"]], expected,
-                               atol=1e-5)
-    assert [r["class_name"] for r in rows["predictions"]] == [
-        ["horizontal", "vertical"][i] for i in expected.argmax(axis=1)]
+    check(rows["predictions"], expected)
 
     status, columns = call(server.base + "/versions/1:predict",
                            {"signature_name": "serving_default", "inputs": {"images": pixels.tolist()}})
-    assert status == 200
-    np.testing.assert_allclose(columns["outputs"]["probabilities"], expected, atol=1e-5)
+    assert status == 200 and set(columns["outputs"]) == set(expected)
+    check([dict(zip(columns["outputs"], row)) for row in zip(*columns["outputs"].values())],
+          expected)
 
     status, by_bytes = call(server.base + ":predict", {
         "signature_name": "serve_bytes", "instances": [{"image_bytes": b64(f)} for f in files]})
     assert status == 200
-    np.testing.assert_allclose([r["probabilities"] for r in by_bytes["predictions"]], expected,
-                               atol=0.02)
+    check(by_bytes["predictions"], {key: value.numpy() for key, value in signatures[
+        "serve_bytes"](image_bytes=tf.constant([f.read_bytes() for f in files])).items()})
+    np.testing.assert_allclose([r["probabilities"] for r in by_bytes["predictions"]],
+                               expected["probabilities"], atol=0.02)
 
 
 def pixel_body(value):

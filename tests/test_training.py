@@ -148,6 +148,24 @@ def test_train_writes_a_complete_run_directory(tiny_config, tmp_path):
     assert model.get_layer("preprocess_caffe") is not None
 
 
+def test_training_calibrates_on_the_validation_images(trained_run):  # and predict applies it
+    from transfer import calibrate
+    from transfer.predict import Predictor, predict_paths
+    from transfer.runs import read_split
+
+    run_dir, _ = trained_run
+    stored = json.loads((run_dir / calibrate.CALIBRATION).read_text())
+    assert stored["temperature"] > 0 and stored["keep"] == 0.95
+    assert stored["nll_after"] <= stored["nll_before"] + 1e-9
+    # The threshold keeps the asked share of the validation images, as predict reports them.
+    _, splits = read_split(run_dir)
+    rows = list(predict_paths(Predictor(run_dir), list(splits["validation"].paths)))
+    kept = np.mean([not row["unknown"] for row in rows])
+    assert 0.95 <= kept <= 0.95 + 1 / len(rows)
+    scores = np.array([row["score"] for row in rows])
+    assert np.mean(scores >= stored["threshold"]) == kept
+
+
 def test_no_validation_folder_makes_a_saved_disjoint_split(tiny_config, dataset, monkeypatch):
     import os
     import shutil

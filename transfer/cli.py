@@ -83,6 +83,10 @@ def build_parser():
     add_settings(evaluate, ("tta",), default="as the run was trained")
     evaluate.add_argument("--output", help="where report.html, metrics.json and the PNGs go "
                                            "(default: the run directory)")
+    evaluate.add_argument("--unknown", metavar="OTHER_FOLDER",
+                          help="also measure how well the in-class score tells the images "
+                               "from this folder's (none of the classes; searched "
+                               "recursively)")
 
     inspect = commands.add_parser(
         "inspect", help="a backbone's convolution, pooling and per-pixel Dense layers: output "
@@ -146,6 +150,10 @@ def build_parser():
                          help="also write a Grad-CAM overlay of each image into DIR (needs a "
                               "run directory or .keras model)")
     add_settings(predict, ("tta",), default="as the run was trained")
+    predict.add_argument("--reject", action="store_true",
+                         help="label images whose in-class score is below the model's "
+                              "threshold 'unknown' (the columns score and unknown are "
+                              "always written)")
     return parser
 
 
@@ -252,7 +260,7 @@ def cmd_evaluate(args):
     from transfer.evaluate import evaluate_folder
 
     print(evaluate_folder(args.model, args.data_folder, args.output, args.labels,
-                          args.label_pattern, args.tta) / "report.html")
+                          args.label_pattern, args.tta, args.unknown) / "report.html")
 
 
 def cmd_inspect(args):
@@ -334,7 +342,7 @@ def cmd_predict(args):
     if args.classes:
         check_classes(predictor, args.classes)
     rows = [error_row(path, reason) for path, reason in problems]
-    rows += predict_paths(predictor, paths, args.batch_size, args.top_k)
+    rows += predict_paths(predictor, paths, args.batch_size, args.top_k, reject=args.reject)
     if args.explain:
         explain(predictor, rows, args.explain)
     fmt = "json" if args.output and Path(args.output).suffix.lower() == ".json" else "csv"

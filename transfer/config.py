@@ -85,6 +85,8 @@ class TrainConfig:
     tta: bool = setting(False, "test-time augmentation: evaluation, predict and export "
                                "average each image's probabilities with its mirror images' "
                                "(the flips of --flip)")
+    keep: float = setting(0.95, "share of the validation images the unknown-image threshold "
+                                "keeps: images scoring below it are unknown (predict --reject)")
     runs_dir: str = setting("runs", "where run directories go")
     evaluate: bool = setting(True, "write the evaluation report (report.html, metrics.json) on "
                                    "the validation images at the end")
@@ -138,6 +140,9 @@ class TrainConfig:
             if not getattr(self, key) > 0:
                 raise ValueError(f"{_option(key)} must be positive; "
                                  f"received {getattr(self, key)}.")
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"{_option('keep')} must be in (0, 1]: the share of in-class "
+                             f"images kept; received {self.keep}.")
         if not 0 <= self.ema < 1:
             raise ValueError(f"{_option('ema')} must be 0 (off) or in (0, 1); received {self.ema}.")
         if not 0 <= self.dropout < 1:

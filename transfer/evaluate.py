@@ -1,12 +1,14 @@
 """The evaluation report: how good the model is, where it fails, and what it looks at.
 
 evaluate() writes, into one folder: metrics.json, report.html and the PNGs the page shows
-(confusion matrix, learning curves, the most confidently wrong images, Grad-CAM heatmaps,
-the first layer's filters and feature maps at three depths before and after fine-tuning).
-The page needs no network: its images are files beside it.
+(confusion matrix, reliability diagram before and after calibration, learning curves, the most
+confidently wrong images, Grad-CAM heatmaps, the first layer's filters and feature maps at three
+depths before and after fine-tuning; with images of none of the classes, how the in-class score
+tells them apart). The page needs no network: its images are files beside it.
 """
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -20,11 +22,48 @@ log = logging.getLogger(__name__)
 
 GALLERY = 12  # images in the gallery of confident mistakes
 GRADCAM_SAMPLES = 6  # correct and wrong images each, with Grad-CAM
+SCORE_BINS = 30  # of the histogram of in-class scores
 
 
-def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=None, tta=None):
+@dataclasses.dataclass(frozen=True)
+class Others:
+    """Images of none of the model's classes: how well the in-class score tells them from the
+    images evaluated, and how many of them the run's threshold rejects."""
+
+    folder: str
+    paths: tuple
+    set_aside: tuple = ()  # (path, reason): files and folders that could not be used
+
+
+def other_images(folder):
+    """Others of every image under `folder`, searched recursively; files that do not decode,
+    links not followed and folders that cannot be read are set aside."""
+    from transfer.check import check_files, list_images
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; --unknown expects a folder of images "
+                                "of none of the model's classes (searched recursively).")
+    listing = list_images(folder)
+    verdicts = check_files(listing.images)
+    set_aside = [*listing.problems,
+                 *((path, verdicts[path]) for path in listing.images if verdicts[path])]
+    for path, reason in set_aside:
+        log.warning("Set aside %s: %s", path, reason)
+    paths = tuple(str(path) for path in listing.images if verdicts[path] is None)
+    if not paths:
+        raise ValueError(f"{folder} has no readable images ({len(set_aside)} set aside, "
+                         f"{len(listing.skipped)} without an image extension); --unknown "
+                         "expects a folder of images of none of the model's classes.")
+    return Others(str(folder), paths, tuple(set_aside))
+
+
+def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=None, tta=None,
+                    unknown=None):
     """Evaluate on a folder's images: <class>/ folders, a label file or file-name labels;
-    returns the output folder (default: the run directory, or the .keras file's folder)."""
+    returns the output folder (default: the run directory, or the .keras file's folder).
+
+    unknown: a folder of images of none of the classes, to measure the in-class score on."""
     from transfer.layouts import check_layout, find_layout, resolve
     from transfer.runs import load_run_model, tta_flip
 
@@ -42,56 +81,62 @@ def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=
     set_aside = [item for report in reports for item in report.bad]
     for path, reason in set_aside:
         log.warning("Set aside %s: %s", path, reason)
+    others = other_images(unknown) if unknown is not None else None
     model_path = Path(model_path)
     target = (Path(output) if output
               else run_dir or (model_path if model_path.is_dir() else model_path.parent))
     evaluate(model, classes, [p for p, _ in paths], [l for _, l in paths], target,
              run_dir=run_dir, set_aside=set_aside, split=f"{folder.resolve().name}/",
-             flips=tta_flip(run_dir, tta))
+             flips=tta_flip(run_dir, tta), unknown=others)
     return target
 
 
 def predict_files(model, paths, batch_size=32):
-    """(uint8 images [N, H, W, 3], class probabilities [N, C]) of image files."""
+    """(uint8 images [N, H, W, 3], the model's outputs for them) of image files: for a
+    model.scored model, {"probabilities", "score"[, "logits"]: arrays [N, ...]}."""
     from transfer.images import load_image
 
     size = model.input_shape[1]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # uint8: a quarter of float32
         images = np.stack(list(pool.map(lambda path: load_image(path, size), paths)))
-    probabilities = np.concatenate([
-        model.predict_on_batch(images[i:i + batch_size].astype("float32"))
-        for i in range(0, len(images), batch_size)])
-    return images, probabilities
+    batches = [model.predict_on_batch(images[i:i + batch_size].astype("float32"))
+               for i in range(0, len(images), batch_size)]
+    return images, {key: np.concatenate([batch[key] for batch in batches])
+                    for key in batches[0]}
 
 
 def accuracy(model, paths, labels, flips="none"):
-    from transfer.model import with_tta
+    from transfer.model import scored
 
-    probabilities = predict_files(with_tta(model, flips), paths)[1]
+    probabilities = predict_files(scored(model, flip=flips), paths)[1]["probabilities"]
     return float((probabilities.argmax(axis=1) == np.asarray(labels)).mean())
 
 
 def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
-             split="validation", test_accuracy=None, flips="none"):
+             split="validation", test_accuracy=None, flips="none", unknown=None):
     """Write metrics.json, report.html and its PNGs into output; returns the metrics.
 
     split names the images on the page ("validation", "test", a folder's name); test_accuracy,
     when given, is shown beside them, with a link to the test images' report in output/test/.
-    flips: the probabilities average each image with its mirror images of these flips
-    (model.with_tta); "none", the image alone.
+    flips: the logits average each image with its mirror images of these flips (model.scored);
+    "none", the image alone. The probabilities are calibrated by the run's calibration.json
+    (none: temperature 1, nothing rejected). unknown: Others, images of none of the classes.
     """
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
+    from transfer import calibrate
     from transfer.explain import gradcam, overlay
+    from transfer.model import scored
     from transfer.runs import read_history
 
     if not paths:
         raise ValueError("No readable images to evaluate on; expected <folder>/<class>/*.jpg.")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    from transfer.model import with_tta
-
-    images, probabilities = predict_files(with_tta(model, flips), paths)
+    calibration = calibrate.read(run_dir)
+    scoring = scored(model, calibration, flips, logits=True)
+    images, outputs = predict_files(scoring, paths)
+    probabilities = outputs["probabilities"]
     labels = np.asarray(labels)
     predicted = probabilities.argmax(axis=1)
     per_class, macro = class_scores(labels, predicted, classes)
@@ -112,12 +157,20 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
             {"path": paths[i], "true": classes[labels[i]], "predicted": classes[predicted[i]],
              "probability": float(confidence[i])} for i in wrong[:GALLERY]],
         "set_aside": [[str(path), reason] for path, reason in set_aside],
+        "calibration": calibration_metrics(calibration, outputs, labels),
     }
+    if unknown is not None:
+        metrics["unknown"] = unknown_metrics(calibration, outputs,
+                                             predict_files(scoring, unknown.paths)[1], unknown)
     write_json(output / "metrics.json", metrics)
 
     figures = {}
     figures["confusion_matrix"] = plot_confusion_matrix(matrix, classes,
                                                         output / "confusion_matrix.png")
+    figures["reliability"] = plot_reliability(metrics["calibration"], output / "reliability.png")
+    if unknown is not None:
+        figures["unknown"] = plot_scores(metrics["unknown"], calibration.threshold,
+                                         output / "unknown_scores.png")
     if run_dir is not None and (run_dir / "history.csv").is_file():
         figures["learning_curves"] = plot_learning_curves(read_history(run_dir / "history.csv"),
                                                           output / "learning_curves.png")
@@ -144,10 +197,60 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
                  before_note=None if before is not None else
                  "the backbone's original weights could not be loaded, so only the trained "
                  "model's feature maps are shown")
-    log.info("Evaluation on %d %s images: accuracy %.4f%s. Report: %s", len(paths), split,
-             metrics["accuracy"], f", ROC AUC {auc:.4f}" if auc is not None else "",
+    log.info("Evaluation on %d %s images: accuracy %.4f%s, ECE %.4f -> %.4f%s. Report: %s",
+             len(paths), split, metrics["accuracy"],
+             f", ROC AUC {auc:.4f}" if auc is not None else "",
+             metrics["calibration"]["ece_before"], metrics["calibration"]["ece_after"],
+             f"; unknown images: AUROC {metrics['unknown']['auroc']:.4f}" if unknown else "",
              output / "report.html")
     return metrics
+
+
+def calibration_metrics(calibration, outputs, labels):
+    """The run's Calibration and what it does on these images (outputs: model.scored's, with
+    logits): ECE, log loss and the reliability bins at temperature 1 ("before") and at the
+    run's ("after"); the share the threshold rejects and the accuracy on the rest."""
+    from transfer import calibrate
+
+    logits, probabilities = outputs["logits"], outputs["probabilities"]
+    before = calibrate.softmax(logits)
+    # The model's own score, so the shares are those predict --reject gives.
+    kept = outputs["score"] >= calibration.threshold
+    correct = probabilities.argmax(axis=1) == labels
+    return {**calibration.to_dict(),
+            "ece_before": calibrate.expected_calibration_error(before, labels),
+            "ece_after": calibrate.expected_calibration_error(probabilities, labels),
+            "nll_before": calibrate.log_loss(logits, labels),
+            "nll_after": calibrate.log_loss(logits, labels, calibration.temperature),
+            "rejected": float(1 - kept.mean()),
+            "accuracy_kept": float(correct[kept].mean()) if kept.any() else None,
+            "reliability_before": calibrate.reliability(before, labels),
+            "reliability_after": calibrate.reliability(probabilities, labels)}
+
+
+def unknown_metrics(calibration, inside, outside, others):
+    """How well the in-class scores tell the images evaluated (inside: model.scored's outputs)
+    from others' (outside): AUROC and FPR at 95% TPR for each of calibrate.SCORES (the run's
+    at the top level), the shares of each the threshold rejects, the histogram's counts."""
+    from transfer import calibrate
+
+    by_score = {kind: calibrate.separation(
+        calibrate.scores(inside["logits"], calibration.temperature, kind),
+        calibrate.scores(outside["logits"], calibration.temperature, kind))
+        for kind in calibrate.SCORES}
+    both = np.concatenate([inside["score"], outside["score"]]).astype(np.float64)
+    low, high = both.min(), both.max()
+    if np.isfinite(calibration.threshold):  # the line stays on the chart
+        low, high = min(low, calibration.threshold), max(high, calibration.threshold)
+    edges = np.histogram_bin_edges(both, SCORE_BINS, range=(low, high))
+    return {"folder": others.folder, "images": len(others.paths), "score": calibration.score,
+            **by_score[calibration.score], "by_score": by_score,
+            "rejected_in": float((inside["score"] < calibration.threshold).mean()),
+            "rejected_out": float((outside["score"] < calibration.threshold).mean()),
+            "histogram": {"edges": edges.tolist(),
+                          "in": np.histogram(inside["score"], edges)[0].tolist(),
+                          "out": np.histogram(outside["score"], edges)[0].tolist()},
+            "set_aside": [[str(path), reason] for path, reason in others.set_aside]}
 
 
 def class_scores(labels, predicted, classes):
@@ -207,6 +310,56 @@ def plot_learning_curves(history, path):
         axis.set_title(metric)
         axis.grid(alpha=0.3)
         axis.legend()
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_reliability(calibration, path):
+    """Accuracy against confidence per bin, at temperature 1 and at the run's (calibration:
+    calibration_metrics'), the gap to the diagonal hatched, as Guo et al. 2017 draw it."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
+    for axis, stage, title in ((axes[0], "before", "before: T = 1"),
+                               (axes[1], "after", f"after: T = {calibration['temperature']:.3g}")):
+        bins = [row for row in calibration[f"reliability_{stage}"] if row[2]]
+        lows = [low for low, _, _, _, _ in bins]
+        widths = [high - low for low, high, _, _, _ in bins]
+        accuracies = [accuracy for *_, accuracy in bins]
+        gaps = [confidence - accuracy for *_, confidence, accuracy in bins]
+        axis.bar(lows, accuracies, widths, align="edge", edgecolor="black", label="accuracy")
+        axis.bar(lows, gaps, widths, bottom=accuracies, align="edge", color="red", alpha=0.3,
+                 hatch="//", edgecolor="red", label="gap to the mean confidence")
+        axis.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1)
+        axis.set_xlabel("confidence (largest probability)")
+        axis.set_title(f"{title}: ECE {calibration[f'ece_{stage}']:.3f}")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="upper left", fontsize=8)
+    axes[0].set_ylabel("accuracy")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_scores(unknown, threshold, path):
+    """The histograms of the in-class scores of the images evaluated and of the others
+    (unknown: unknown_metrics'), each as shares of its images, the threshold a line."""
+    plt = _pyplot()
+    histogram = unknown["histogram"]
+    figure, axis = plt.subplots(figsize=(8, 4))
+    others = f"others: {Path(unknown['folder']).name}"
+    for key, label in (("in", "images evaluated"), ("out", others)):
+        counts = np.asarray(histogram[key], dtype=np.float64)
+        axis.stairs(counts / (counts.sum() or 1), histogram["edges"], fill=True, alpha=0.45,
+                    label=f"{label} ({int(counts.sum())})")
+    if np.isfinite(threshold):
+        axis.axvline(threshold, color="black", linestyle="--",
+                     label=f"threshold {threshold:.3g}: below it is unknown")
+    axis.set_xlabel(f"in-class score ({unknown['score']}; higher: more like the classes)")
+    axis.set_ylabel("share of images")
+    axis.set_title(f"AUROC {unknown['auroc']:.3f}, FPR at 95% TPR {unknown['fpr_at_95_tpr']:.3f}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     figure.tight_layout()
     return _save(figure, path)
 
@@ -334,9 +487,18 @@ def write_report(metrics, figures, path, before_note=None):
     (files beside it), each in its section."""
     import jinja2
 
+    calibration = metrics["calibration"]
     sections = {
         "confusion_matrix": ("Confusion matrix", "Where it fails: counts, and each true class's "
                                                  "row as rates."),
+        "reliability": ("Calibration", "Accuracy against confidence in equal-width bins: "
+                        f"expected calibration error {calibration['ece_before']:.3f} at "
+                        f"temperature 1, {calibration['ece_after']:.3f} at the run's "
+                        f"temperature {calibration['temperature']:.3g}. On the diagonal, a "
+                        "probability of 0.8 is right 80% of the time."),
+        "unknown": ("Images of none of the classes", "The in-class scores of the images "
+                                                     "evaluated and of the other images; the "
+                                                     "dashed line is the run's threshold."),
         "learning_curves": ("Learning curves", "Both phases; the dashed line is where "
                                                "fine-tuning starts."),
         "top_losses": ("Most confidently wrong", "The mistakes the model was surest of."

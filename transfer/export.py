@@ -4,11 +4,17 @@ Two signatures, both with the preprocessing inside:
   serving_default  images      float32 [N, H, W, 3], raw 0-255 RGB
   serve_bytes      image_bytes string [N], encoded JPEG/PNG/GIF/BMP/WebP, decoded and resized in
                                the graph as training resized them (bilinear, no crop)
-Both return probabilities [N, C], class_index [N] and class_name [N].
+Both return, computed in the graph from the run's calibration (transfer.calibrate):
+  probabilities  float32 [N, C]  softmax(logits / temperature); with test-time augmentation
+                                 the logits averaged over the image and its mirror images
+  class_index    int32 [N]       and class_name string [N]: the most probable class
+  score          float32 [N]     the in-class score, higher for images more like the classes
+  unknown        bool [N]        score < the calibration's threshold (never, uncalibrated)
 """
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -95,15 +101,23 @@ def decode_and_resize(image_bytes, size):
     return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
 
 
-def export_savedmodel(model, classes, model_dir, sample_images=None, config=None):
+def export_savedmodel(model, classes, model_dir, calibration=None, flips="none",
+                      sample_images=None, config=None):
     """Write model_dir/<next version>/ and return its path; never overwrites a version.
 
-    The version is written under a temporary name, reloaded and checked against `model` on
-    `sample_images` (random pixels if none are given), and only then renamed into place.
+    `model` is the plain classifier; the signatures apply `calibration` (a
+    transfer.calibrate.Calibration; None: the identity, nothing unknown) and average the
+    logits over the mirror images of `flips` (model.TTA_FLIPS). The version is written under
+    a temporary name, reloaded and checked against the same model.scored on `sample_images`
+    (random pixels if none are given), and only then renamed into place.
     """
     import keras
     import tensorflow as tf
 
+    from transfer.calibrate import Calibration
+    from transfer.model import scored
+
+    calibration = calibration or Calibration()
     model_dir = Path(model_dir)
     taken = next((p for p in (model_dir, *model_dir.parents) if p.exists()), None)
     if taken is not None and not taken.is_dir():
@@ -112,12 +126,16 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
     model_dir.mkdir(parents=True, exist_ok=True)
     size = model.input_shape[1]
     names = tf.constant(list(classes))
+    predicting = scored(model, calibration, flips)  # shares the classifier's weights
+    threshold = tf.constant(calibration.threshold, tf.float32)  # -inf: nothing is below it
 
     def outputs(images):
-        probabilities = model(images, training=False)
+        result = predicting(images, training=False)
+        probabilities, score = result["probabilities"], result["score"]
         index = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {"probabilities": probabilities, "class_index": index,
-                "class_name": tf.gather(names, index)}
+                "class_name": tf.gather(names, index), "score": score,
+                "unknown": score < threshold}
 
     def serve_bytes(image_bytes):
         images = tf.map_fn(lambda data: decode_and_resize(data, size), image_bytes,
@@ -125,7 +143,7 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
         return outputs(images)
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    archive.track(predicting)
     archive.add_endpoint(SIGNATURE, outputs, input_signature=[
         tf.TensorSpec([None, size, size, 3], tf.float32, name=IMAGES_INPUT)])
     archive.add_endpoint(BYTES_SIGNATURE, serve_bytes, input_signature=[
@@ -142,7 +160,8 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
         if config is not None:
             write_json(extra / CONFIG_ASSET, config)
         target = model_dir / str(version)
-        verify_export(model, staging, sample_images, name=f"{target} (not published)")
+        verify_export(predicting, staging, sample_images, calibration.threshold,
+                      name=f"{target} (not published)")
         if target.exists():  # another export took this version meanwhile
             raise FileExistsError(f"{target} already exists; exports never overwrite a version.")
         staging.rename(target)
@@ -152,22 +171,44 @@ def export_savedmodel(model, classes, model_dir, sample_images=None, config=None
     return target
 
 
-def verify_export(model, path, images=None, atol=1e-4, name=None):
-    """Reload the SavedModel at `path` and check it matches `model`; ValueError (naming it
-    `name`, by default its path) if not."""
+def verify_export(predicting, path, images=None, threshold=-math.inf, atol=1e-4, name=None):
+    """Reload the SavedModel at `path` and check that its serving_default reproduces
+    `predicting` (a model.scored model): its probabilities to `atol`, its scores to `atol`
+    relative to their size (energy scores are logsumexps, ~10), and the unknown flags
+    (score < `threshold`) wherever the score is not within that tolerance of the threshold.
+    ValueError (naming the export `name`, by default its path) if not; returns the largest
+    probability difference."""
     import tensorflow as tf
 
-    size = model.input_shape[1]
+    size = predicting.input_shape[1]
     if images is None:
         images = np.random.default_rng(0).uniform(0, 255, (4, size, size, 3)).astype("float32")
-    expected = np.asarray(model(images, training=False))
+    expected = {key: np.asarray(value)
+                for key, value in predicting(images, training=False).items()}
     loaded = tf.saved_model.load(str(path))
     served = loaded.signatures[SIGNATURE](**{IMAGES_INPUT: tf.constant(images, tf.float32)})
-    got = served["probabilities"].numpy()
-    if got.shape != expected.shape or not np.allclose(got, expected, atol=atol):
-        raise ValueError(f"The export {name or path} does not reproduce the model: largest "
-                         f"difference {np.max(np.abs(got - expected)):.2e} (tolerance {atol}).")
-    return float(np.max(np.abs(got - expected)))
+    got = {key: served[key].numpy() for key in ("probabilities", "score", "unknown")}
+    problem = None
+    if (got["probabilities"].shape != expected["probabilities"].shape
+            or not np.allclose(got["probabilities"], expected["probabilities"], atol=atol)):
+        problem = (f"largest probability difference "
+                   f"{np.max(np.abs(got['probabilities'] - expected['probabilities'])):.2e} "
+                   f"(tolerance {atol})")
+    elif (got["score"].shape != expected["score"].shape
+          or not np.allclose(got["score"], expected["score"], rtol=atol, atol=atol)):
+        problem = (f"largest score difference "
+                   f"{np.max(np.abs(got['score'] - expected['score'])):.2e} (tolerance {atol} "
+                   "relative)")
+    else:
+        # An image scoring within the tolerance of the threshold may fall either side of it.
+        clear = ~np.isclose(expected["score"], threshold, rtol=atol, atol=atol)
+        wrong = clear & (got["unknown"] != (expected["score"] < threshold))
+        if wrong.any():
+            problem = (f"{int(wrong.sum())} of {len(wrong)} images flagged unknown wrongly "
+                       f"(threshold {threshold:.4f})")
+    if problem is not None:
+        raise ValueError(f"The export {name or path} does not reproduce the model: {problem}.")
+    return float(np.max(np.abs(got["probabilities"] - expected["probabilities"])))
 
 
 def read_asset(path, name=CLASSES_ASSET):

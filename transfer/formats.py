@@ -1,9 +1,12 @@
 """TFLite (float32, float16, full-integer int8) and ONNX conversions, each checked after writing.
 
-Conversions start from the Keras model (the same graph as the SavedModel's serving_default:
-raw 0-255 RGB in, probabilities out) and are written into the export version's
-assets.extra/ folder with labels.txt. Each one is run on held-out images and compared with
-the SavedModel: float formats must match its probabilities, quantized ones its top-1 class.
+Conversions start from the Keras model with the run's calibration applied (model.scored,
+the same graph as the SavedModel's serving_default without test-time augmentation: raw 0-255
+RGB in; outputs "probabilities", calibrated, and "score", the in-class score) and are
+written into the export version's assets.extra/ folder with labels.txt. The unknown flag is
+not converted: it is score < the threshold in the version's assets.extra/config.json
+("calibration"). Each one is run on held-out images and compared with the SavedModel: float
+formats must match its probabilities, quantized ones its top-1 class.
 """
 
 import contextlib
@@ -60,8 +63,11 @@ class FormatReport:
                 f"{MAX_MEAN_PROBABILITY_DIFFERENCE})")
 
 
-def convert(model, formats, folder, calibration_images):
-    """Write the requested formats into folder; returns {format name: path}."""
+def convert(model, formats, folder, representative, calibration=None):
+    """Write the requested formats of the classifier `model` into folder, each applying
+    `calibration` (transfer.calibrate.Calibration; None: the identity); returns {format
+    name: path}. `representative`: 0-255 training images, int8's quantization ranges and
+    its bias correction are measured on them."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"Unknown export format(s) {', '.join(unknown)}; valid: "
@@ -72,33 +78,41 @@ def convert(model, formats, folder, calibration_images):
         for precision in ("float32", "float16", "int8"):
             name = f"tflite_{precision}"
             with atomic_path(folder / FILES[name]) as temporary:
-                temporary.write_bytes(_tflite(model, precision, calibration_images))
+                temporary.write_bytes(_tflite(model, precision, representative, calibration))
             written[name] = folder / FILES[name]
             log.info("Wrote %s", written[name])
     if "onnx" in formats:
-        model(np.zeros((1, *model.input_shape[1:]), "float32"))  # Keras exports called models
+        from transfer.model import scored
+
+        predicting = scored(model, calibration)
+        # Keras exports called models only.
+        predicting(np.zeros((1, *model.input_shape[1:]), "float32"))
         with atomic_path(folder / FILES["onnx"]) as temporary:
-            model.export(str(temporary), format="onnx", verbose=False)
+            predicting.export(str(temporary), format="onnx", verbose=False)
         written["onnx"] = folder / FILES["onnx"]
         log.info("Wrote %s", written["onnx"])
     return written
 
 
-def _tflite(model, precision, calibration_images):
+def _tflite(model, precision, representative, calibration=None):
+    """The TFLite FlatBuffer of model.scored(the classifier `model`, `calibration`)."""
     import tensorflow as tf
 
+    from transfer.model import scored
+
     if precision == "int8":
-        if calibration_images is None or not len(calibration_images):
-            raise ValueError("int8 TFLite needs calibration images; none were given.")
-        model = bias_corrected(model, calibration_images)
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        if representative is None or not len(representative):
+            raise ValueError("int8 TFLite needs calibration images (--calibration-images); "
+                             "none were given.")
+        model = bias_corrected(model, representative)  # a corrected copy of the classifier
+    converter = tf.lite.TFLiteConverter.from_keras_model(scored(model, calibration))
     if precision == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     elif precision == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([image[None].astype("float32")]
-                                                    for image in calibration_images)
+                                                    for image in representative)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8  # raw pixels are uint8 already
         converter.inference_output_type = tf.uint8
@@ -169,25 +183,34 @@ def _int8_rounding(kernel, axes):
     return np.round(kernel / scale) * scale
 
 
+OUTPUTS = ("probabilities", "score")  # what every format returns, by name
+
+
 def runner(name, path):
-    """A function from float32 0-255 images [N, H, W, 3] to probabilities [N, C]."""
+    """A function from float32 0-255 images [N, H, W, 3] to {"probabilities": [N, C],
+    "score": [N]}."""
     if name == "savedmodel":
         from transfer.predict import Predictor
 
-        return Predictor(path).predict
+        predict = Predictor(path).predict
+        return lambda images: {key: value for key, value in predict(images).items()
+                               if key in OUTPUTS}
     if name == "onnx":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
-        return lambda images: session.run(None, {input_name: images.astype("float32")})[0]
+        return lambda images: dict(zip(OUTPUTS, session.run(
+            list(OUTPUTS), {input_name: images.astype("float32")})))
     import tensorflow as tf
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
         interpreter = tf.lite.Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
-    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    # By signature: the converter numbers the output tensors in no particular order.
+    signature = interpreter.get_signature_runner()
+    (input_name, source), = signature.get_input_details().items()
+    targets = signature.get_output_details()
 
     def run(images):
         rows = []
@@ -196,14 +219,16 @@ def runner(name, path):
             if source["dtype"] == np.uint8:
                 scale, zero = source["quantization"]
                 x = np.clip(np.round(x / scale + zero), 0, 255)
-            interpreter.set_tensor(source["index"], x.astype(source["dtype"]))
-            interpreter.invoke()
-            y = interpreter.get_tensor(target["index"])[0].astype("float32")
-            if target["dtype"] == np.uint8:
-                scale, zero = target["quantization"]
-                y = (y - zero) * scale
-            rows.append(y)
-        return np.stack(rows)
+            got = signature(**{input_name: x.astype(source["dtype"])})
+            row = {}
+            for key in OUTPUTS:
+                y = got[key][0].astype("float32")
+                if targets[key]["dtype"] == np.uint8:
+                    scale, zero = targets[key]["quantization"]
+                    y = (y - zero) * scale
+                row[key] = y
+            rows.append(row)
+        return {key: np.stack([row[key] for row in rows]) for key in OUTPUTS}
 
     return run
 
@@ -213,7 +238,7 @@ def evaluate(paths, images, labels, latency_runs=30, batch_size=32):
     outputs, latencies = {}, {}
     for name, path in paths.items():
         run = runner(name, path)
-        outputs[name] = np.concatenate([run(images[i:i + batch_size])
+        outputs[name] = np.concatenate([run(images[i:i + batch_size])["probabilities"]
                                         for i in range(0, len(images), batch_size)])
         run(images[:1])
         timings = []

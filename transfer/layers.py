@@ -133,3 +133,34 @@ def _reflect(coordinate, size):
     size = ops.cast(size, "float32")
     folded = ops.mod(coordinate + 0.5, 2 * size)
     return ops.clip(ops.where(folded >= size, 2 * size - folded, folded) - 0.5, 0, size - 1)
+
+
+class Logits(keras.layers.Layer):
+    """The classifier's softmax layer before its softmax: features @ kernel + bias, sharing
+    that Dense layer's weights."""
+
+    def __init__(self, dense, **kwargs):
+        super().__init__(dtype="float32", **kwargs)
+        self.dense = dense
+
+    def call(self, features):
+        return ops.matmul(ops.cast(features, "float32"), self.dense.kernel) + self.dense.bias
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.dense.units)
+
+
+class Calibrated(keras.layers.Layer):
+    """Logits -> (softmax(logits / temperature), the in-class score): transfer.calibrate's
+    formulas in the graph ("energy": logsumexp(logits); "max_probability": the largest
+    calibrated probability)."""
+
+    def __init__(self, temperature=1.0, score="energy", **kwargs):
+        super().__init__(dtype="float32", **kwargs)
+        self.temperature, self.score = float(temperature), score
+
+    def call(self, logits):
+        probabilities = ops.softmax(logits / self.temperature, axis=-1)
+        score = (ops.logsumexp(logits, axis=-1) if self.score == "energy"
+                 else ops.max(probabilities, axis=-1))
+        return probabilities, score

@@ -35,17 +35,29 @@ TTA_FLIPS = {"horizontal": ((2,),), "vertical": ((1,),),
              "horizontal_and_vertical": ((2,), (1,), (1, 2)), "none": ()}
 
 
-def with_tta(model, flip="horizontal"):
-    """The classifier's probabilities averaged over each image and its mirror images
-    (test-time augmentation): the flips training augmented with (`flip`, as TrainConfig
-    names them). A model sharing the classifier's layers; with flip "none", the model."""
-    axes = TTA_FLIPS[flip]
-    if not axes:
-        return model
+def scored(model, calibration=None, flip="none", logits=False):
+    """A model sharing the classifier's layers, from images to {"probabilities": calibrated
+    probabilities [N, C], "score": the in-class score [N]} (transfer.calibrate; `calibration`
+    None: temperature 1), and "logits" [N, C] too when asked. With test-time augmentation
+    (`flip`, as TrainConfig names the flips training augmented with) the logits are averaged
+    over each image and its mirror images first."""
+    from transfer.calibrate import Calibration
+    from transfer.layers import Calibrated, Logits
+
+    calibration = calibration or Calibration()
+    dense = model.get_layer("probabilities")
+    features = keras.Model(model.input, dense.input)
+    logits_of = Logits(dense, name="logits")
     inputs = keras.Input(model.input_shape[1:], name=INPUT_NAME)
-    views = [model(inputs)] + [model(keras.ops.flip(inputs, axis=flipped)) for flipped in axes]
-    outputs = keras.layers.Average(name="tta_average", dtype="float32")(views)
-    return keras.Model(inputs, outputs, name=f"{model.name}_tta")
+    views = [inputs] + [keras.ops.flip(inputs, axis=flipped) for flipped in TTA_FLIPS[flip]]
+    each = [logits_of(features(view)) for view in views]
+    averaged = (each[0] if len(each) == 1
+                else keras.layers.Average(name="tta_average", dtype="float32")(each))
+    probabilities, score = Calibrated(calibration.temperature, calibration.score,
+                                      name="calibrated")(averaged)
+    outputs = {"probabilities": probabilities, "score": score}
+    return keras.Model(inputs, outputs | ({"logits": averaged} if logits else {}),
+                       name=f"{model.name}_scored")
 
 
 def backbone_of(model):

@@ -102,6 +102,7 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, jit
                       verbose, jit)
     plot_learning_curves(history, run_dir / "learning_curves.png")
     seconds = time.time() - started  # training's; the reports after it are not counted
+    calibrate_run(model, run_dir, splits["validation"], cfg.keep)
     test = splits.get("test")
     test_accuracy = None
     flips = tta_flip(run_dir)
@@ -118,19 +119,41 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, jit
     return run_dir
 
 
+def calibrate_run(model, run_dir, validation, keep):
+    """Fit the temperature and the unknown-image threshold on the validation images (as the
+    run predicts them: with its test-time augmentation) and write calibration.json."""
+    from transfer import calibrate
+    from transfer.evaluate import predict_files
+    from transfer.model import scored
+    from transfer.runs import tta_flip
+
+    logits = predict_files(scored(model, flip=tta_flip(run_dir), logits=True),
+                           validation.paths)[1]["logits"]
+    calibration, figures = calibrate.calibrate(logits, validation.labels, keep)
+    write_json(run_dir / calibrate.CALIBRATION, calibration.to_dict() | figures)
+    log.info("Calibrated on %d validation images: temperature %.3f (log loss %.4f -> %.4f, "
+             "ECE %.4f -> %.4f); %s below %.4f is unknown (keeps %.0f%%)", len(logits),
+             calibration.temperature, figures["nll_before"], figures["nll_after"],
+             figures["ece_before"], figures["ece_after"], calibration.score,
+             calibration.threshold, 100 * keep)
+    return calibration
+
+
 def export_run(run_dir, name=None, output="saved_models", formats=(), eval_images=1000,
                calibration_images=200, tta=None):
     """Export a finished run as saved_models/<name>/<next version>/, checked against the
     model; with formats ("tflite", "onnx") also those, each measured against it. With
     test-time augmentation (`tta`, default: the run's setting) the signatures average each
-    image with its mirror images inside the graph.
+    image with its mirror images inside the graph. Every format applies the run's
+    calibration (calibration.json) and returns the in-class score beside the probabilities.
 
     Returns (the version folder, the formats' reports or None); a format that misses its bar
     is kept, and its report (formats.json) says so.
     """
+    from transfer import calibrate
     from transfer.data import dataset_name
     from transfer.export import export_savedmodel
-    from transfer.model import load_model, with_tta
+    from transfer.model import load_model
     from transfer.runs import sample_images, tta_flip
 
     run_dir = Path(run_dir)
@@ -152,16 +175,18 @@ def export_run(run_dir, name=None, output="saved_models", formats=(), eval_image
     # Conversions are measured on eval_images; the SavedModel alone is checked on a few.
     check_images, check_labels = sample_images(run_dir, "validation", size,
                                                eval_images if formats else 8)
-    target = export_savedmodel(with_tta(model, flips), classes, Path(output) / name,
+    calibration = calibrate.read(run_dir)
+    run_config = run_config | {"calibration": calibration.to_dict()}
+    target = export_savedmodel(model, classes, Path(output) / name, calibration, flips,
                                sample_images=check_images[:8], config=run_config)
     if not formats:
         return target, None
     from transfer import formats as conversions
 
-    calibration, _ = sample_images(run_dir, "train", size, calibration_images)
+    representative, _ = sample_images(run_dir, "train", size, calibration_images)  # for int8
     extra = target / "assets.extra"
     write_atomic(extra / "labels.txt", "\n".join(classes) + "\n")
-    written = conversions.convert(model, formats, extra, calibration)
+    written = conversions.convert(model, formats, extra, representative, calibration)
     reports = conversions.evaluate({"savedmodel": target, **written}, check_images, check_labels)
     conversions.write_report(reports, extra / "formats.json")
     return target, reports

@@ -17,7 +17,7 @@ MODEL_FORMATS = ("a .keras file with classes.json beside it", "a run directory h
 class Predictor:
     """A trained classifier from a .keras file or an exported SavedModel.
 
-    tta: average each image with its mirror images (model.with_tta); None: as the run was
+    tta: average each image with its mirror images (model.scored); None: as the run was
     configured, or as the SavedModel was exported (its signatures then average in the graph).
     """
 
@@ -45,15 +45,23 @@ class Predictor:
             raise ValueError(f"{path} is not a model; expected {', '.join(MODEL_FORMATS)}.")
 
     def _load_keras(self, path, tta):
-        from transfer.model import with_tta
+        from transfer import calibrate
+        from transfer.model import scored
         from transfer.runs import load_keras, tta_flip
 
         model, self.classes = load_keras(path)
         self.model = model
         self.image_size = model.input_shape[1]
         run_dir = path.parent if (path.parent / "config.json").is_file() else None
-        predicting = with_tta(model, tta_flip(run_dir, tta))
-        self._predict = lambda images: np.asarray(predicting(images, training=False))
+        calibration = calibrate.read(run_dir)
+        predicting = scored(model, calibration, tta_flip(run_dir, tta))
+
+        def predict(images):
+            outputs = {key: np.asarray(value)
+                       for key, value in predicting(images, training=False).items()}
+            return outputs | {"unknown": outputs["score"] < calibration.threshold}
+
+        self._predict = predict
 
     def _load_savedmodel(self, path, tta):
         import tensorflow as tf
@@ -69,8 +77,12 @@ class Predictor:
                              f"or export the run again with --{'' if tta else 'no-'}tta.")
         signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
         self.image_size = signature.structured_input_signature[1][IMAGES_INPUT].shape[1]
-        self._predict = lambda images: signature(
-            **{IMAGES_INPUT: tf.constant(images)})["probabilities"].numpy()
+
+        def predict(images):
+            outputs = signature(**{IMAGES_INPUT: tf.constant(images)})
+            return {key: outputs[key].numpy() for key in ("probabilities", "score", "unknown")}
+
+        self._predict = predict
 
     def require_keras(self, what):
         if self.model is None:
@@ -78,7 +90,9 @@ class Predictor:
                              f"file); {self.path} is a SavedModel.")
 
     def predict(self, images):
-        """Class probabilities [N, C] for float32 0-255 images [N, H, W, 3]."""
+        """For float32 0-255 images [N, H, W, 3]: {"probabilities": calibrated class
+        probabilities [N, C], "score": in-class scores [N], "unknown": [N] bools, True
+        where the score is below the model's threshold}."""
         return self._predict(np.asarray(images, dtype=np.float32))
 
 
@@ -122,12 +136,18 @@ def check_classes(predictor, expected):
                          "Use the model trained for these classes, or drop --classes.")
 
 
+UNKNOWN = "unknown"  # the label of a rejected image
+
+
 def error_row(path, error):
-    return {"path": str(path), "label": None, "probability": None, "top_k": [], "error": error}
+    return {"path": str(path), "label": None, "probability": None, "score": None,
+            "unknown": None, "top_k": [], "error": error}
 
 
-def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=None):
-    """Yield one row per path: path, label, probability, top_k [(label, p)...], error.
+def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=None, reject=False):
+    """Yield one row per path: path, label, probability, score, unknown, top_k
+    [(label, p)...], error. With `reject`, an unknown image's label is "unknown" (its
+    probability and top_k still the classes').
 
     Images are decoded by `workers` threads (default: decode_workers()), one batch ahead of
     the model.
@@ -148,17 +168,23 @@ def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=None):
             pending = [pool.submit(decode, path) for path in
                        (batches[index + 1] if index + 1 < len(batches) else [])]
             good = [image for image, error in decoded if error is None]
-            probabilities = iter(predictor.predict(np.stack(good)) if good else [])
+            outputs = predictor.predict(np.stack(good)) if good else {}
+            position = 0
             for path, (image, error) in zip(batch, decoded):
                 if error is not None:
                     yield error_row(path, error)
                     continue
-                scores = next(probabilities)
-                order = np.argsort(scores)[::-1][:top_k]
-                yield {"path": str(path), "label": predictor.classes[order[0]],
-                       "probability": float(scores[order[0]]),
-                       "top_k": [(predictor.classes[i], float(scores[i])) for i in order],
+                probabilities = outputs["probabilities"][position]
+                unknown = bool(outputs["unknown"][position])
+                order = np.argsort(probabilities)[::-1][:top_k]
+                yield {"path": str(path),
+                       "label": UNKNOWN if reject and unknown else predictor.classes[order[0]],
+                       "probability": float(probabilities[order[0]]),
+                       "score": float(outputs["score"][position]), "unknown": unknown,
+                       "top_k": [(predictor.classes[i], float(probabilities[i]))
+                                 for i in order],
                        "error": None}
+                position += 1
 
 
 def write_rows(rows, handle, fmt):
@@ -173,11 +199,13 @@ def write_rows(rows, handle, fmt):
 
     explained = any("explanation" in row for row in rows)
     writer = csv.writer(handle)
-    writer.writerow(("path", "label", "probability", "top_k", "error")
+    writer.writerow(("path", "label", "probability", "score", "unknown", "top_k", "error")
                     + (("explanation",) if explained else ()))
     for row in rows:
         writer.writerow((row["path"], row["label"] or "",
                          "" if row["probability"] is None else f"{row['probability']:.6f}",
+                         "" if row["score"] is None else f"{row['score']:.6f}",
+                         "" if row["unknown"] is None else str(row["unknown"]).lower(),
                          " ".join(f"{label}:{p:.4f}" for label, p in row["top_k"]),
                          row["error"] or "")
                         + ((row.get("explanation") or "",) if explained else ()))
@@ -199,7 +227,7 @@ def explain(predictor, rows, folder, batch_size=32):
         batch = todo[start:start + batch_size]
         images = np.stack([load_image(row["path"], predictor.image_size)
                            for row in batch]).astype("float32")
-        classes = [predictor.classes.index(row["label"]) for row in batch]
+        classes = [predictor.classes.index(row["top_k"][0][0]) for row in batch]  # not "unknown"
         pictures = overlay(images, gradcam(predictor.model, images, classes))
         for row, picture in zip(batch, pictures):
             stem = Path(row["path"]).stem

@@ -4,6 +4,11 @@
     GET  /v1/models/<name>[/versions/<v>]/metadata     signatures, inputs and outputs
     POST /v1/models/<name>[/versions/<v>]:predict      {"instances": ...} or {"inputs": ...}
 
+A prediction holds every output of the signature (transfer.export): probabilities,
+class_index, class_name, score and unknown (JSON true/false); {"predictions": [one dict per
+instance]} for "instances" (row format), {"outputs": {name: one value per instance}} for
+"inputs" (columnar), as TensorFlow Serving answers a signature of several outputs.
+
 Built on aiohttp (asyncio). As in TensorFlow Serving, a version is loaded before it is served:
 the default is the newest version that loaded, one that fails to load is reported (state END)
 and never served, and new versions are picked up as they appear. A request's instances run in
@@ -39,7 +44,7 @@ from transfer.images import MAX_IMAGE_PIXELS
 log = logging.getLogger(__name__)
 
 DTYPE_NAMES = {"float32": "DT_FLOAT", "string": "DT_STRING", "int32": "DT_INT32",
-               "int64": "DT_INT64", "uint8": "DT_UINT8"}
+               "int64": "DT_INT64", "uint8": "DT_UINT8", "bool": "DT_BOOL"}
 # Decoding runs at about 10 million pixels a second on one core: a batch of encoded images
 # closes at BATCH_PIXELS (well under a second), and an image over HEAVY_IMAGE_PIXELS (a
 # 12-megapixel photo, a 64-megapixel bomb) runs on its own in the heavy lane, one at a time.
@@ -602,6 +607,7 @@ def _shape(spec):
 
 
 def _jsonable(array):
+    """A batch of one output as JSON values: strings decoded, bools as true/false."""
     if array.dtype == object:
         return [value.decode() if isinstance(value, bytes) else value for value in array.tolist()]
     return array.tolist()
