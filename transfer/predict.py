@@ -77,6 +77,11 @@ class Predictor:
                              f"or export the run again with --{'' if tta else 'no-'}tta.")
         signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
         self.image_size = signature.structured_input_signature[1][IMAGES_INPUT].shape[1]
+        missing = sorted({"probabilities", "score", "unknown"} - set(signature.structured_outputs))
+        if missing:
+            raise ValueError(f"{path} was exported before transfer calibrated its models: its "
+                             f"{SIGNATURE} signature has no {' or '.join(missing)} output. "
+                             "Export the run again with `transfer export`.")
 
         def predict(images):
             outputs = signature(**{IMAGES_INPUT: tf.constant(images)})
