@@ -56,8 +56,8 @@ def train(cfg, verbose="auto"):
     write_json(run_dir / "versions.json", runs.library_versions())
     runs.write_bad_files(run_dir, [item for report in reports for item in report.bad])
     runs.write_split(run_dir, classes, splits)
-    with strategy.scope():
-        return _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, jit)
+    return _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, strategy,
+                               jit)
 
 
 def resume(run_dir, verbose="auto"):
@@ -87,19 +87,23 @@ def resume(run_dir, verbose="auto"):
     strategy, jit = devices(cfg)
     with strategy.scope():
         model = build(cfg, spec, len(classes), cfg.image_size)
-        return _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, jit)
+    return _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, strategy,
+                               jit)
 
 
-def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, jit):
-    """Fit; then the learning curves, the reports on the test images (test/) and on the
-    validation images, and summary.json, which marks the run finished."""
+def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, strategy, jit):
+    """Fit in the strategy's scope; then, outside it (one device predicts: Keras's
+    predict_on_batch repeats a dict of outputs per replica), the calibration, the learning
+    curves, the reports on the test images (test/) and on the validation images, and
+    summary.json, which marks the run finished."""
     from transfer.evaluate import accuracy, evaluate, plot_learning_curves
     from transfer.runs import read_bad_files, tta_flip
     from transfer.train import fit_run, write_summary
 
     started = time.time()
-    history = fit_run(model, cfg, spec, run_dir, classes, splits["train"], splits["validation"],
-                      verbose, jit)
+    with strategy.scope():
+        history = fit_run(model, cfg, spec, run_dir, classes, splits["train"],
+                          splits["validation"], verbose, jit)
     plot_learning_curves(history, run_dir / "learning_curves.png")
     seconds = time.time() - started  # training's; the reports after it are not counted
     calibrate_run(model, run_dir, splits["validation"], cfg.keep)

@@ -247,7 +247,8 @@ class PhaseTracker(keras.callbacks.Callback):
         self.stepped = True  # by model.fit's optimizer, whose rate may follow a schedule
 
     def on_epoch_end(self, epoch, logs=None):
-        rate = (float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        # float32's shortest repr: 0.002, not 0.0020000000949949026
+        rate = (float(str(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
                 if self.stepped else self.learning_rate)
         row = {"epoch": epoch + 1, "phase": self.phase,
                **{key: float(value) for key, value in (logs or {}).items()},
