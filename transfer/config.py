@@ -82,8 +82,8 @@ class TrainConfig:
     zoom: float = setting(0.1, "zoom augmentation factor")
     translation: float = setting(0.1, "translation augmentation factor")
     contrast: float = setting(0.1, "contrast augmentation factor")
-    tta: bool = setting(False, "test-time augmentation: evaluation, predict and export "
-                               "average each image's probabilities with its mirror images' "
+    tta: bool = setting(False, "test-time augmentation: calibration, evaluation, predict and "
+                               "export average each image's logits with its mirror images' "
                                "(the flips of --flip)")
     keep: float = setting(0.95, "share of the validation images the unknown-image threshold "
                                 "keeps: images scoring below it are unknown (predict --reject)")

@@ -1,5 +1,5 @@
-"""Layers: the preprocessing of each backbone mode (serializable, never a Lambda) and a fused
-augmentation."""
+"""Layers: the preprocessing of each backbone mode (serializable, never a Lambda), a fused
+augmentation, and the logits and calibrated outputs model.scored adds to a classifier."""
 
 import math
 
