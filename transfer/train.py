@@ -163,7 +163,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         started = time.time()
         set_trainable(backbone_of(model), phase.unfreeze_from)
         fit_model, train_data, val_data, fed = feeds(phase)
-        fit_model.compile(optimizer=_optimizer(phase, _steps_per_epoch(train_data)),
+        fit_model.compile(optimizer=_optimizer(phase, train_data),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                           jit_compile=jit_compile)
         # Kept until state.json says the phase is done, so no moment loses a finished phase.
@@ -266,11 +266,12 @@ class PhaseTracker(keras.callbacks.Callback):
                 self.model.stop_training = True
 
 
-def _optimizer(phase, steps_per_epoch):
+def _optimizer(phase, train_data):
     """Adam at the phase's learning rate, constant or on a cosine schedule with one epoch's
-    warmup, averaging the weights when the phase says so."""
+    warmup (of train_data's batches), averaging the weights when the phase says so."""
     rate = phase.learning_rate
     if phase.schedule == "cosine":
+        steps_per_epoch = _steps_per_epoch(train_data)
         warmup = steps_per_epoch if phase.epochs > 1 else 0
         rate = keras.optimizers.schedules.CosineDecay(
             0.0 if warmup else rate, max(1, phase.epochs * steps_per_epoch - warmup),
