@@ -169,17 +169,13 @@ def judged(predict, splits, row):
 
 # The systems --------------------------------------------------------------------------------
 
-def run_transfer(labels, backbone, seed, scratch, splits, size):
-    """One `transfer train` run as a user runs it; its figures, judged on its model.keras."""
-    from transfer.model import load_model
-    from transfer.runs import read_split
-
-    work = Path(tempfile.mkdtemp(prefix=f"transfer-{backbone}-{seed}-", dir=scratch))
+def train_as_a_user(arguments, work):
+    """(the finished run directory, the wall time) of `transfer train ARGUMENTS --no-evaluate`
+    in a subprocess, its runs and a cold $TRANSFER_CACHE_HOME (made anew) in `work`."""
     executable = REPO / ".venv/bin/transfer"
     command = ([str(executable)] if executable.is_file() else [sys.executable, "-m", "transfer"])
-    command += ["train", "--labels", str(labels), "--backbone", backbone, "--seed", str(seed),
-                "--runs-dir", str(work / "runs"), "--no-evaluate"]
-    env = os.environ | {"TRANSFER_CACHE_HOME": str(work / "cache")}  # cold: a new one per run
+    command += ["train", *arguments, "--runs-dir", str(work / "runs"), "--no-evaluate"]
+    env = os.environ | {"TRANSFER_CACHE_HOME": str(work / "cache")}
     with open(work / "train.log", "w") as output:
         started = time.perf_counter()
         status = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=output).returncode
@@ -187,7 +183,17 @@ def run_transfer(labels, backbone, seed, scratch, splits, size):
     if status != 0:
         tail = (work / "train.log").read_text()[-3000:]
         raise SystemExit(f"{' '.join(command)} failed ({status}):\n{tail}")
-    run_dir = next((work / "runs").glob("*/*/summary.json")).parent
+    return next((work / "runs").glob("*/*/summary.json")).parent, wall
+
+
+def run_transfer(labels, backbone, seed, scratch, splits, size):
+    """One `transfer train` run as a user runs it; its figures, judged on its model.keras."""
+    from transfer.model import load_model
+    from transfer.runs import read_split
+
+    work = Path(tempfile.mkdtemp(prefix=f"transfer-{backbone}-{seed}-", dir=scratch))
+    run_dir, wall = train_as_a_user(["--labels", str(labels), "--backbone", backbone,
+                                     "--seed", str(seed)], work)
     summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     if config["image_size"] != size:

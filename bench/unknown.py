@@ -21,17 +21,14 @@ fits the temperature and the unknown threshold on the validation images
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from accuracy import bench_space, log  # noqa: E402  (the same set-up)
+from accuracy import bench_space, log, train_as_a_user  # noqa: E402  (the same set-up)
 
 BACKBONES = ("mobilenet_025", "mobilenetv2")
 TEST_SPLIT = 0.2
@@ -42,20 +39,8 @@ AUROC_TARGET = {"mobilenetv2": 0.95}
 def train(backbone, shared, scratch):
     """A finished run directory of `transfer train` on cats_dogs, and its wall time."""
     work = Path(tempfile.mkdtemp(prefix=f"unknown-{backbone}-", dir=scratch))
-    executable = REPO / ".venv/bin/transfer"
-    command = ([str(executable)] if executable.is_file() else [sys.executable, "-m", "transfer"])
-    command += ["train", "--data", str(shared / "datasets" / "cats_dogs"), "--backbone",
-                backbone, "--test-split", str(TEST_SPLIT), "--runs-dir", str(work / "runs"),
-                "--no-evaluate"]
-    env = os.environ | {"TRANSFER_CACHE_HOME": str(work / "cache")}
-    started = time.perf_counter()
-    with open(work / "train.log", "w") as output:
-        status = subprocess.run(command, cwd=REPO, env=env, stdout=output,
-                                stderr=output).returncode
-    if status != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({status}):\n"
-                         f"{(work / 'train.log').read_text()[-3000:]}")
-    return next((work / "runs").glob("*/*/summary.json")).parent, time.perf_counter() - started
+    return train_as_a_user(["--data", str(shared / "datasets" / "cats_dogs"), "--backbone",
+                            backbone, "--test-split", str(TEST_SPLIT)], work)
 
 
 def measure(run_dir, flowers):
