@@ -50,8 +50,10 @@ predict: install
 backbones: install
 	$(TRANSFER) backbones
 
+# One pytest worker per core, at most 4, each test file on one worker (its fixtures made once);
+# PYTEST_ARGS="-n 0" runs the suite in one process.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

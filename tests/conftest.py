@@ -27,7 +27,13 @@ for checkpoint in (MOBILENET_025, MOBILENET_V2):
     if checkpoint.is_file():
         (KERAS_HOME / "models" / checkpoint.name).symlink_to(checkpoint)
 os.environ["KERAS_HOME"] = str(KERAS_HOME)
-os.environ["TRANSFER_CACHE_HOME"] = tempfile.mkdtemp(prefix="transfer-cache-")
+CACHE_HOME = Path(tempfile.mkdtemp(prefix="transfer-cache-"))
+os.environ["TRANSFER_CACHE_HOME"] = str(CACHE_HOME)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for folder in (KERAS_HOME, CACHE_HOME):
+        shutil.rmtree(folder, ignore_errors=True)
 
 # Small and fast at 32 px, and (unlike MobileNets, whose random-init activations vanish) its
 # random-init features differ between images, so outputs and round trips are meaningful.

@@ -78,5 +78,5 @@ def test_backbones_lists_the_table(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["name", "input", "min"]
     vgg = next(line for line in lines if line.startswith("vgg16 "))
-    assert vgg.split() == ["vgg16", "224", "32", "14.7M", "caffe", "block5_"]
+    assert vgg.split() == ["vgg16", "224", "32", "caffe", "block5_"]
     assert len(lines) == 1 + 25
