@@ -69,7 +69,7 @@ ACCURACIES = ("val_accuracy", "test_accuracy")
 
 
 def log(message):
-    print(f"[accuracy] {message}", file=sys.stderr, flush=True)
+    print(f"[{Path(sys.argv[0]).stem}] {message}", file=sys.stderr, flush=True)
 
 
 # The split ---------------------------------------------------------------------------------

@@ -124,27 +124,29 @@ def measure(run_dir, flowers):
         "accuracy_rejected_counted_wrong": float((correct & kept).mean())}
     predicted = logits["flowers"].argmax(axis=1)
     figures["flowers_called"] = {cls: int((predicted == i).sum()) for i, cls in enumerate(classes)}
-    return figures, logits["test"] / calibration.temperature, labels["test"]
+    return figures, logits["test"], labels["test"]
 
 
 def pooled(measured):
-    """The ECE before and after scaling over every run's test images, each run's logits at
-    its own temperature (the scaled logits of `measured`)."""
+    """The ECE over every run's test images: before scaling, after (each run's logits at its
+    own temperature), and, as a diagnostic the tool cannot use, at the temperature each run's
+    own test images would have chosen (`oracle_*`: what scaling could give at best)."""
     import numpy as np
 
     from transfer import calibrate
 
-    figures = [figure for figure, _, _ in measured]
-    scaled = np.concatenate([logits for _, logits, _ in measured])
     labels = np.concatenate([labels for _, _, labels in measured])
-    unscaled = np.concatenate([logits * figure["temperature"]
-                               for figure, logits, _ in measured])
-    return {"test_images": len(labels),
-            "ece_before_test": calibrate.expected_calibration_error(calibrate.softmax(unscaled),
-                                                                    labels),
-            "ece_after_test": calibrate.expected_calibration_error(calibrate.softmax(scaled),
-                                                                   labels),
-            "noise_floor_test": noise_floor(calibrate.softmax(scaled))}
+    oracle = [calibrate.fit_temperature(logits, labels) for _, logits, labels in measured]
+
+    def ece(temperatures):
+        probabilities = np.concatenate([calibrate.softmax(logits, temperature) for
+                                        (_, logits, _), temperature in zip(measured, temperatures)])
+        return calibrate.expected_calibration_error(probabilities, labels), probabilities
+
+    after, probabilities = ece([figures["temperature"] for figures, _, _ in measured])
+    return {"test_images": len(labels), "ece_before_test": ece([1.0] * len(measured))[0],
+            "ece_after_test": after, "noise_floor_test": noise_floor(probabilities),
+            "oracle_temperatures": oracle, "oracle_ece_test": ece(oracle)[0]}
 
 
 def medians(figures):
