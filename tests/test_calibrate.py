@@ -97,6 +97,12 @@ def test_the_graph_computes_what_numpy_computes(kind):
                                calibrate.softmax(logits, 3.0), atol=1e-5)
     np.testing.assert_allclose(np.asarray(out["score"]), calibrate.scores(logits, 3.0, kind),
                                rtol=1e-4, atol=1e-4)
+    # apply() turns the uncalibrated logits into those same outputs (training's validation
+    # report takes them instead of predicting the images again).
+    applied = calibrate.apply(Calibration(3.0, kind), np.asarray(scored(model, logits=True)(
+        images)["logits"]))
+    for key in ("logits", "probabilities", "score"):
+        np.testing.assert_allclose(applied[key], np.asarray(out[key]), rtol=1e-5, atol=1e-5)
     # Temperature 1 gives the classifier's own probabilities.
     np.testing.assert_allclose(np.asarray(scored(model)(images)["probabilities"]),
                                np.asarray(model(images)), atol=1e-6)

@@ -53,9 +53,11 @@ def test_the_report_shows_the_calibration_before_and_after(trained_run):
     assert found["score"] == stored["score"] and found["threshold"] == pytest.approx(
         stored["threshold"])
     files = sorted((dataset / "validation").rglob("*.jpg"))  # the split the report is on
-    logits, _ = _logits_and_scores(run_dir, files)
+    logits, scores = _logits_and_scores(run_dir, files)
     labels = _labels(files)
     temperature = stored["temperature"]
+    # Training reuses its calibration's predictions for this report: they are the model's.
+    assert found["rejected"] == pytest.approx(np.mean(scores < stored["threshold"]))
     assert found["ece_before"] == pytest.approx(
         calibrate.expected_calibration_error(calibrate.softmax(logits), labels), abs=1e-5)
     assert found["ece_after"] == pytest.approx(calibrate.expected_calibration_error(

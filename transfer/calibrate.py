@@ -121,6 +121,15 @@ def scores(logits, temperature=1.0, kind=SCORE):
     raise ValueError(f"The score must be one of {', '.join(SCORES)}; received {kind!r}.")
 
 
+def apply(calibration, logits):
+    """model.scored's outputs, {"logits", "probabilities", "score"}, from its uncalibrated
+    logits: what the Calibrated layer computes in the graph, here in NumPy."""
+    logits = np.asarray(logits)
+    return {"logits": logits,
+            "probabilities": softmax(logits, calibration.temperature).astype(np.float32),
+            "score": scores(logits, calibration.temperature, calibration.score)}
+
+
 def threshold_keeping(scores_in, keep):
     """A threshold with at least `keep` of scores_in at or above it: just below the lowest
     score kept, by a margin that float32 graphs computing the same scores cannot cross

@@ -106,7 +106,7 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
                           splits["validation"], verbose, jit)
     plot_learning_curves(history, run_dir / "learning_curves.png")
     seconds = time.time() - started  # training's; the reports after it are not counted
-    calibrate_run(model, run_dir, splits["validation"], cfg.keep)
+    validated = calibrate_run(model, run_dir, splits["validation"], cfg.keep)
     test = splits.get("test")
     test_accuracy = None
     flips = tta_flip(run_dir)
@@ -116,7 +116,8 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
                                      run_dir=run_dir, split="test", flips=flips)["accuracy"]
         evaluate(model, classes, splits["validation"].paths, splits["validation"].labels,
                  run_dir, run_dir=run_dir, set_aside=read_bad_files(run_dir),
-                 split="validation", test_accuracy=test_accuracy, flips=flips)
+                 split="validation", test_accuracy=test_accuracy, flips=flips,
+                 predicted=validated)
     elif test:
         test_accuracy = accuracy(model, test.paths, test.labels, flips)
     write_summary(run_dir, history, seconds, test_accuracy)
@@ -125,14 +126,18 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
 
 def calibrate_run(model, run_dir, validation, keep):
     """Fit the temperature and the unknown-image threshold on the validation images (as the
-    run predicts them: with its test-time augmentation) and write calibration.json."""
+    run predicts them: with its test-time augmentation) and write calibration.json.
+
+    Returns (the decoded images, model.scored's calibrated outputs for them), which the
+    validation report takes instead of predicting them again."""
     from transfer import calibrate
     from transfer.evaluate import predict_files
     from transfer.model import scored
     from transfer.runs import tta_flip
 
-    logits = predict_files(scored(model, flip=tta_flip(run_dir), logits=True),
-                           validation.paths)[1]["logits"]
+    images, outputs = predict_files(scored(model, flip=tta_flip(run_dir), logits=True),
+                                    validation.paths)
+    logits = outputs["logits"]
     calibration, figures = calibrate.calibrate(logits, validation.labels, keep)
     write_json(run_dir / calibrate.CALIBRATION, calibration.to_dict() | figures)
     log.info("Calibrated on %d validation images: temperature %.3f (log loss %.4f -> %.4f, "
@@ -140,7 +145,7 @@ def calibrate_run(model, run_dir, validation, keep):
              calibration.temperature, figures["nll_before"], figures["nll_after"],
              figures["ece_before"], figures["ece_after"], calibration.score,
              calibration.threshold, 100 * keep)
-    return calibration
+    return images, calibrate.apply(calibration, logits)
 
 
 def export_run(run_dir, name=None, output="saved_models", formats=(), eval_images=1000,
