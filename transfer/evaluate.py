@@ -114,7 +114,7 @@ def accuracy(model, paths, labels, flips="none"):
 
 def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
              split="validation", test_accuracy=None, flips="none", unknown=None,
-             predicted=None):
+             predictions=None):
     """Write metrics.json, report.html and its PNGs into output; returns the metrics.
 
     split names the images on the page ("validation", "test", a folder's name); test_accuracy,
@@ -122,7 +122,7 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
     flips: the logits average each image with its mirror images of these flips (model.scored);
     "none", the image alone. The probabilities are calibrated by the run's calibration.json
     (none: temperature 1, nothing rejected). unknown: Others, images of none of the classes.
-    predicted: (images, outputs) of `paths` as predict_files gives them for this scoring,
+    predictions: (images, outputs) of `paths` as predict_files gives them for this scoring,
     when the caller has them already (training's calibration, on the validation images).
     """
     from sklearn.metrics import confusion_matrix, roc_auc_score
@@ -138,7 +138,7 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
     output.mkdir(parents=True, exist_ok=True)
     calibration = calibrate.read(run_dir)
     scoring = scored(model, calibration, flips, logits=True)
-    images, outputs = predicted or predict_files(scoring, paths)
+    images, outputs = predictions or predict_files(scoring, paths)
     probabilities = outputs["probabilities"]
     labels = np.asarray(labels)
     predicted = probabilities.argmax(axis=1)

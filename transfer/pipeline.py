@@ -117,7 +117,7 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
         evaluate(model, classes, splits["validation"].paths, splits["validation"].labels,
                  run_dir, run_dir=run_dir, set_aside=read_bad_files(run_dir),
                  split="validation", test_accuracy=test_accuracy, flips=flips,
-                 predicted=validated)
+                 predictions=validated)
     elif test:
         test_accuracy = accuracy(model, test.paths, test.labels, flips)
     write_summary(run_dir, history, seconds, test_accuracy)
