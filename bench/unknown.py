@@ -135,8 +135,8 @@ def pooled(measured):
 
     from transfer import calibrate
 
-    labels = np.concatenate([labels for _, _, labels in measured])
-    oracle = [calibrate.fit_temperature(logits, labels) for _, logits, labels in measured]
+    oracle = [calibrate.fit_temperature(logits, run_labels) for _, logits, run_labels in measured]
+    labels = np.concatenate([run_labels for _, _, run_labels in measured])
 
     def ece(temperatures):
         probabilities = np.concatenate([calibrate.softmax(logits, temperature) for
@@ -150,10 +150,10 @@ def pooled(measured):
 
 
 def medians(figures):
-    """The median over runs of every number the runs' figures share at the top level, and of
-    the separation figures."""
-    numbers = [key for key, value in figures[0].items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    """The median over runs of every number the runs' figures share at the top level (their
+    seeds aside), and of the separation figures."""
+    numbers = [key for key, value in figures[0].items() if key != "seed"
+               and isinstance(value, (int, float)) and not isinstance(value, bool)]
     middle = {key: statistics.median(figure[key] for figure in figures) for key in numbers}
     middle["separation"] = {kind: {key: statistics.median(f["separation"][kind][key]
                                                           for f in figures)
@@ -175,7 +175,7 @@ def main():
     args = parser.parse_args()
     backbones = BACKBONES if args.backbone == "all" else (args.backbone,)
     if args.run and len(backbones) != 1:
-        raise SystemExit("--run measures one run: give its --backbone too.")
+        raise SystemExit("--run measures runs of one backbone: give its --backbone too.")
     with bench_space("unknown", args.shared, ("cats_dogs", "flowers")) as (scratch, stdout):
         for backbone in backbones:
             runs = ([(run, None, None) for run in args.run] if args.run
@@ -187,14 +187,14 @@ def main():
                 figures, logits, labels = measure(run_dir, args.shared / "datasets" / "flowers")
                 measured.append(({"seed": seed, "train_wall_s": wall, **figures}, logits,
                                  labels))
-            runs = [figures for figures, _, _ in measured]
-            middle, pool = medians(runs), pooled(measured)
-            auroc = middle["separation"][runs[0]["score"]]["auroc"]
+            per_run = [figures for figures, _, _ in measured]
+            middle, pool = medians(per_run), pooled(measured)
+            auroc = middle["separation"][per_run[0]["score"]]["auroc"]
             targets = {"ece_after_test_pooled_at_most_0.02": pool["ece_after_test"] <= ECE_TARGET,
                        "median_auroc_at_least_0.95": (auroc >= AUROC_TARGET[backbone]
                                                       if backbone in AUROC_TARGET else None)}
-            line = {"bench": "unknown", "backbone": backbone, "score": runs[0]["score"],
-                    "pooled": pool, "median": middle, "targets_met": targets, "runs": runs}
+            line = {"bench": "unknown", "backbone": backbone, "score": per_run[0]["score"],
+                    "pooled": pool, "median": middle, "targets_met": targets, "runs": per_run}
             print(json.dumps(line), file=stdout, flush=True)
 
 
