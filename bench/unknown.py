@@ -15,7 +15,7 @@ loads it:
   so one seed's figure cannot tell 0.02 from 0.01.
 - unknown images: every photo of ../shared/datasets/flowers (none of them a cat or a dog)
   against the cats_dogs test images: AUROC and the false-positive rate at 95% true positives
-  of each score (energy, max_probability), and the share of each set the stored threshold
+  of each score (mahalanobis, energy, max_probability), and the share of each set the stored threshold
   rejects. Target: AUROC at least 0.95 for mobilenetv2, for the score the tool uses.
 - what --reject costs: validation accuracy without rejecting, the share rejected, the
   accuracy on the images kept, and the accuracy when each rejected image counts as wrong.
@@ -82,19 +82,20 @@ def measure(run_dir, flowers):
                          "transfer calibrated its runs; train it again.")
     model, classes, _ = load_run_model(run_dir)
     calibration = calibrate.read(run_dir)
-    logits_model = scored(model, flip=tta_flip(run_dir), logits=True)
+    raw_model = scored(model, flip=tta_flip(run_dir), raw=True)
     _, splits = read_split(run_dir)
 
-    def logits_of(paths):
-        return predict_files(logits_model, list(paths))[1]["logits"]
+    def outputs_of(paths):
+        return predict_files(raw_model, list(paths))[1]
 
     figures = {"run": str(run_dir), "classes": classes,
                "temperature": calibration.temperature, "score": calibration.score,
                "keep": calibration.keep, "threshold": calibration.to_dict()["threshold"]}
-    logits, labels = {}, {}
+    outputs, logits, labels = {}, {}, {}
     for name in ("validation", "test"):
-        logits[name], labels[name] = logits_of(splits[name].paths), np.asarray(
+        outputs[name], labels[name] = outputs_of(splits[name].paths), np.asarray(
             splits[name].labels)
+        logits[name] = outputs[name]["logits"]
         figures[f"{name}_images"] = len(labels[name])
         figures[f"ece_before_{name}"] = calibrate.expected_calibration_error(
             calibrate.softmax(logits[name]), labels[name])
@@ -104,15 +105,16 @@ def measure(run_dir, flowers):
         calibrate.softmax(logits["test"], calibration.temperature))
     other = [str(path) for cls in sorted(p for p in flowers.iterdir() if p.is_dir())
              for path in list_images(cls).images]
-    logits["flowers"] = logits_of(other)
+    outputs["flowers"] = outputs_of(other)
+    logits["flowers"] = outputs["flowers"]["logits"]
     figures["flowers_images"] = len(other)
 
     def score(name, kind):
-        return calibrate.scores(logits[name], calibration.temperature, kind)
+        return calibrate.score_of(calibration, outputs[name], kind)
 
     figures["separation"] = {kind: calibrate.separation(score("test", kind),
                                                         score("flowers", kind))
-                             for kind in calibrate.SCORES}
+                             for kind in calibrate.available_scores(calibration)}
     for name in ("test", "flowers"):
         figures[f"rejected_{name}"] = float(
             (score(name, calibration.score) < calibration.threshold).mean())

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from transfer.backbones import FINE_TUNE_LEARNING_RATE, get_spec
 from transfer.config import TrainConfig, load_file, resolve
 
 
@@ -20,7 +21,7 @@ def test_json_config_files_work_too(tmp_path):
     path.write_text(json.dumps({"fine_tune_epochs": 0, "augment": False}))
     cfg = resolve(load_file(path))
     assert cfg.fine_tune_epochs == 0 and cfg.augment is False
-    assert [phase.name for phase in cfg.phases("block5_")] == ["head"]
+    assert [phase.name for phase in cfg.phases(get_spec("vgg16"))] == ["head"]
 
 
 def test_unknown_keys_name_the_valid_ones(tmp_path):
@@ -50,10 +51,16 @@ def test_missing_weights_file_is_reported(tmp_path):
         resolve({"weights": str(tmp_path / "nope.h5")})
 
 
-def test_phases_use_the_table_cut_unless_overridden():
-    phases = resolve().phases("conv5_")
+def test_phases_use_the_table_cut_and_rate_unless_overridden():
+    resnet = get_spec("resnet50")
+    phases = resolve().phases(resnet)
     assert [(p.name, p.unfreeze_from) for p in phases] == [("head", None), ("fine_tune", "conv5_")]
-    assert resolve({"fine_tune_from": "conv4_"}).phases("conv5_")[1].unfreeze_from == "conv4_"
+    assert resolve({"fine_tune_from": "conv4_"}).phases(resnet)[1].unfreeze_from == "conv4_"
+    # Phase 2's rate: the backbone's row (mobilenetv2's measured 1e-4), unless one is given.
+    assert phases[1].learning_rate == FINE_TUNE_LEARNING_RATE == 1e-5
+    assert resolve().phases(get_spec("mobilenetv2"))[1].learning_rate == 1e-4
+    assert resolve({"fine_tune_learning_rate": 3e-6}).phases(
+        get_spec("mobilenetv2"))[1].learning_rate == 3e-6
 
 
 def test_config_file_must_exist_and_be_yaml_or_json(tmp_path):

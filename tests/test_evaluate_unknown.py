@@ -21,7 +21,7 @@ def _logits_and_scores(run_dir, files):
 
     model = load_model(run_dir / "model.keras")
     outputs = predict_files(scored(model, calibrate.read(run_dir), tta_flip(run_dir),
-                                   logits=True), [str(f) for f in files])[1]
+                                   raw=True), [str(f) for f in files])[1]
     return outputs["logits"], outputs["score"]
 
 
@@ -110,8 +110,9 @@ def test_evaluate_unknown_measures_the_score_and_the_threshold(trained_run, tmp_
     other_logits, _ = _logits_and_scores(run, other_files)
     assert unknown["rejected_out"] == pytest.approx(
         (calibrate.scores(other_logits, 1.0, "energy") < threshold).mean())
-    assert set(unknown["by_score"]) == set(calibrate.SCORES)
-    for kind in calibrate.SCORES:
+    # An energy calibration holds no Mahalanobis statistics: the logits' scores are measured.
+    assert set(unknown["by_score"]) == set(calibrate.LOGIT_SCORES)
+    for kind in calibrate.LOGIT_SCORES:
         expected = calibrate.separation(calibrate.scores(logits, 1.5, kind),
                                         calibrate.scores(other_logits, 1.5, kind))
         assert unknown["by_score"][kind] == pytest.approx(expected, abs=1e-6), kind

@@ -53,7 +53,7 @@ def test_float_formats_match_the_savedmodel(converted):
         assert reports[name].max_probability_difference < 1e-4
     assert reports["tflite_float16"].max_probability_difference < 0.05
     # What they match is the calibrated SavedModel: softmax(logits / 2), and its scores.
-    logits = np.asarray(scored(model, logits=True)(images)["logits"])
+    logits = np.asarray(scored(model, raw=True)(images)["logits"])
     reference = formats.runner("savedmodel", written["savedmodel"])(images)
     np.testing.assert_allclose(reference["probabilities"], calibrate.softmax(logits, 2.0),
                                atol=1e-5)

@@ -43,7 +43,7 @@ def tiny_model_and_feeds(request, dataset, tiny_config):
     if request.param == "images":
         return spec, model, on_images
     cfg = tiny_config(backbone=BATCHNORM_BACKBONE, augment=False)
-    return spec, model, CachedFeeds(model, cfg, cfg.phases(spec.cut), splits["train"],
+    return spec, model, CachedFeeds(model, cfg, cfg.phases(spec), splits["train"],
                                     splits["validation"], images, verbose=0)
 
 

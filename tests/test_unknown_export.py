@@ -50,7 +50,7 @@ def test_the_export_and_predict_give_the_same_probabilities_scores_and_flags(cal
     assert sorted(set(from_export["unknown"].tolist())) == [False, True]
 
     # Applied in the graph, not only carried along: softmax(logits / 2), the logits' energy.
-    logits = np.asarray(scored(load_model(run_dir / "model.keras"), logits=True)(images)["logits"])
+    logits = np.asarray(scored(load_model(run_dir / "model.keras"), raw=True)(images)["logits"])
     np.testing.assert_allclose(from_export["probabilities"], calibrate.softmax(logits, 2.0),
                                atol=1e-5)
     assert np.abs(calibrate.softmax(logits, 2.0) - calibrate.softmax(logits)).max() > 1e-2

@@ -6,11 +6,17 @@ the probabilities are softmax(logits / T) everywhere they leave the tool. It div
 logit by the same number, so no predicted class changes.
 
 The in-class score of an image is one of SCORES, higher meaning more like the training
-classes: "energy", the negative free energy logsumexp(logits) of Liu et al. 2020
-("Energy-based Out-of-distribution Detection", at their T = 1), or "max_probability", the
-largest calibrated probability. SCORE is the one bench/unknown.py measured to separate
-other photos better. An image whose score is below the threshold, chosen on the validation
-images so that a `keep` share of them stays above it, is "unknown".
+classes: "mahalanobis", minus the smallest Mahalanobis distance of the image's pooled features
+to a class mean (Lee et al. 2018, "A Simple Unified Framework for Detecting Out-of-Distribution
+Samples and Adversarial Attacks": class means and one shared covariance, here fitted on the
+validation images' features with Ledoit-Wolf shrinkage); "energy", the negative free energy
+logsumexp(logits) of Liu et al. 2020 ("Energy-based Out-of-distribution Detection", at their
+T = 1); or "max_probability", the largest calibrated probability. SCORE is the one
+bench/unknown.py measured to separate other photos best. An image whose score is below the
+threshold, chosen on the validation images so that a `keep` share of them stays above it, is
+"unknown". The Mahalanobis statistics are fitted on the same validation images, so its
+threshold is chosen on cross-fitted scores: each half of them scored by statistics fitted on
+the other half, as new images would be.
 
 Pure NumPy and SciPy: the graph versions of the same formulas are in transfer.layers.
 """
@@ -23,31 +29,51 @@ from pathlib import Path
 import numpy as np
 
 CALIBRATION = "calibration.json"  # in the run directory
+STATISTICS = "calibration.npz"  # beside it: the Mahalanobis score's class means and whitening
 ECE_BINS = 15
-SCORES = ("energy", "max_probability")
-SCORE = "energy"
+LOGIT_SCORES = ("energy", "max_probability")
+SCORES = ("mahalanobis", *LOGIT_SCORES)
+SCORE = "mahalanobis"
+FALLBACK_SCORE = "energy"
+EIGENVALUE_FLOOR = 1e-6  # of the mean eigenvalue: the Mahalanobis covariance's smallest  # where there are too few validation images per class for SCORE
 TEMPERATURE_RANGE = (1e-2, 1e2)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Calibration:
-    """What a run's model applies to its logits. The defaults change nothing and reject
-    nothing: a run from before calibration, or one that was never calibrated."""
+    """What a run's model applies to its logits and features. The defaults change nothing and
+    reject nothing: a run from before calibration, or one that was never calibrated.
+
+    means [C, D] and whitening [D, D] (None unless score is "mahalanobis"): the class means of
+    the pooled features and a W with W W^T the inverse of their shared covariance, so that an
+    image's squared distance to class c is |(features - means[c]) W|^2.
+    """
 
     temperature: float = 1.0
-    score: str = SCORE
+    score: str = FALLBACK_SCORE
     threshold: float = -math.inf  # images scoring below it are unknown
     keep: float | None = None  # the share of validation images the threshold keeps
+    means: np.ndarray | None = None
+    whitening: np.ndarray | None = None
+
+    def __eq__(self, other):
+        return (isinstance(other, Calibration) and self.to_dict() == other.to_dict()
+                and all(np.array_equal(a, b) if a is not None and b is not None else a is b
+                        for a, b in ((self.means, other.means),
+                                     (self.whitening, other.whitening))))
 
     def to_dict(self):
-        return {**dataclasses.asdict(self),
-                "threshold": None if math.isinf(self.threshold) else self.threshold}
+        """The JSON part: everything but the arrays, which write() stores beside it."""
+        return {"temperature": self.temperature, "score": self.score,
+                "threshold": None if math.isinf(self.threshold) else self.threshold,
+                "keep": self.keep}
 
     @classmethod
-    def from_dict(cls, values):
+    def from_dict(cls, values, arrays=None):
         threshold = values.get("threshold")
-        return cls(float(values["temperature"]), values.get("score", SCORE),
-                   -math.inf if threshold is None else float(threshold), values.get("keep"))
+        return cls(float(values["temperature"]), values.get("score", FALLBACK_SCORE),
+                   -math.inf if threshold is None else float(threshold), values.get("keep"),
+                   *((arrays["means"], arrays["whitening"]) if arrays is not None else ()))
 
 
 def read(run_dir):
@@ -55,7 +81,28 @@ def read(run_dir):
     path = Path(run_dir) / CALIBRATION if run_dir is not None else None
     if path is None or not path.is_file():
         return Calibration()
-    return Calibration.from_dict(json.loads(path.read_text()))
+    values = json.loads(path.read_text())
+    if values.get("score") != "mahalanobis":
+        return Calibration.from_dict(values)
+    statistics = path.with_name(STATISTICS)
+    if not statistics.is_file():
+        raise FileNotFoundError(f"{statistics} is missing: {path} scores images by Mahalanobis "
+                                "distance, whose class means and whitening it holds. Restore "
+                                "it, or train the run again.")
+    with np.load(statistics) as arrays:
+        return Calibration.from_dict(values, {key: arrays[key] for key in ("means",
+                                                                         "whitening")})
+
+
+def write(run_dir, calibration, figures):
+    """calibration.json (with `figures`) and, for the Mahalanobis score, calibration.npz."""
+    from transfer.files import atomic_path, write_json
+
+    if calibration.means is not None:
+        with atomic_path(Path(run_dir) / STATISTICS) as temporary:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, means=calibration.means, whitening=calibration.whitening)
+    write_json(Path(run_dir) / CALIBRATION, calibration.to_dict() | figures)
 
 
 def softmax(logits, temperature=1.0):
@@ -110,24 +157,71 @@ def expected_calibration_error(probabilities, labels, bins=ECE_BINS):
                      if count) / total)
 
 
-def scores(logits, temperature=1.0, kind=SCORE):
-    """In-class scores [N], higher for images more like the training classes."""
+def scores(logits, temperature=1.0, kind=FALLBACK_SCORE):
+    """In-class scores [N] of one of LOGIT_SCORES, higher for images more like the training
+    classes."""
     if kind == "max_probability":
         return softmax(logits, temperature).max(axis=1)
     if kind == "energy":
         z = np.asarray(logits, dtype=np.float64)
         top = z.max(axis=1)
         return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-    raise ValueError(f"The score must be one of {', '.join(SCORES)}; received {kind!r}.")
+    raise ValueError(f"The score must be one of {', '.join(LOGIT_SCORES)} (from logits); "
+                     f"received {kind!r}.")
 
 
-def apply(calibration, logits):
-    """model.scored's outputs, {"logits", "probabilities", "score"}, from its uncalibrated
-    logits: what the Calibrated layer computes in the graph, here in NumPy."""
-    logits = np.asarray(logits)
-    return {"logits": logits,
+def fit_mahalanobis(features, labels, classes):
+    """(means [C, D], whitening [D, D]) of the pooled `features`: the class means and
+    W = V diag(eigenvalues)^-1/2 of the Ledoit-Wolf covariance of the features less their
+    class mean (one covariance shared by the classes, as Lee et al. 2018), its eigenvalues
+    floored at EIGENVALUE_FLOOR of their mean (features that never vary, like a dead ReLU's)."""
+    from sklearn.covariance import LedoitWolf
+
+    features, labels = np.asarray(features, dtype=np.float64), np.asarray(labels)
+    means = np.stack([features[labels == c].mean(axis=0) for c in range(classes)])
+    covariance = LedoitWolf().fit(features - means[labels]).covariance_
+    eigenvalues, vectors = np.linalg.eigh((covariance + covariance.T) / 2)
+    floor = EIGENVALUE_FLOOR * max(float(eigenvalues.mean()), np.finfo(np.float32).tiny)
+    whitening = vectors / np.sqrt(np.maximum(eigenvalues, floor))
+    return means.astype(np.float32), whitening.astype(np.float32)
+
+
+def mahalanobis(features, means, whitening):
+    """Minus the smallest squared Mahalanobis distance of each row of `features` to a class
+    mean [N]."""
+    features = np.asarray(features, dtype=np.float64)
+    whitening = np.asarray(whitening, dtype=np.float64)
+    centers = np.asarray(means, dtype=np.float64) @ whitening
+    whitened = features @ whitening
+    return -np.min([np.square(whitened - center).sum(axis=1) for center in centers], axis=0)
+
+
+def score_of(calibration, outputs, kind=None):
+    """The in-class scores [N] of `kind` (default: the calibration's) from model.scored's
+    outputs with raw=True ("logits", and "features" for the Mahalanobis score)."""
+    kind = kind or calibration.score
+    if kind != "mahalanobis":
+        return scores(outputs["logits"], calibration.temperature, kind)
+    if calibration.means is None:
+        raise ValueError("The Mahalanobis score needs the class means and whitening of a "
+                         "calibrated run (calibration.npz); this calibration has none.")
+    return mahalanobis(outputs["features"], calibration.means, calibration.whitening)
+
+
+def available_scores(calibration):
+    """The kinds of SCORES this calibration can compute: the Mahalanobis score only with its
+    statistics."""
+    return tuple(kind for kind in SCORES if kind != "mahalanobis" or calibration.means is not None)
+
+
+def apply(calibration, outputs):
+    """model.scored's outputs with raw=True, {"logits", "features", "probabilities",
+    "score"}, from its uncalibrated ones ({"logits", "features"}): what the Calibrated layer
+    computes in the graph, here in NumPy."""
+    logits = np.asarray(outputs["logits"])
+    return {**outputs, "logits": logits,
             "probabilities": softmax(logits, calibration.temperature).astype(np.float32),
-            "score": scores(logits, calibration.temperature, calibration.score)}
+            "score": score_of(calibration, outputs)}
 
 
 def threshold_keeping(scores_in, keep):
@@ -157,14 +251,43 @@ def separation(scores_in, scores_out):
             "fpr_at_95_tpr": float((scores_out >= cut).mean())}
 
 
-def calibrate(logits, labels, keep, kind=SCORE):
-    """(Calibration, figures for metrics.json) from validation logits and labels."""
+def halves(labels):
+    """Two folds [N] of 0s and 1s, alternating within each class in the images' order."""
+    labels = np.asarray(labels)
+    fold = np.zeros(len(labels), dtype=int)
+    for c in np.unique(labels):
+        fold[np.flatnonzero(labels == c)[1::2]] = 1
+    return fold
+
+
+def calibrate(outputs, labels, keep, classes, kind=SCORE):
+    """(Calibration, figures for metrics.json) from the validation images' uncalibrated
+    outputs (model.scored's with raw=True: "logits", "features") and labels.
+
+    The Mahalanobis score needs two validation images of every class, one per half; with
+    fewer it falls back to FALLBACK_SCORE and the figures say why ("score_fallback")."""
+    logits, labels = np.asarray(outputs["logits"]), np.asarray(labels)
     temperature = fit_temperature(logits, labels)
-    calibration = Calibration(temperature, kind,
-                              threshold_keeping(scores(logits, temperature, kind), keep), keep)
     figures = {"temperature": temperature,
                "nll_before": log_loss(logits, labels), "nll_after": log_loss(logits, labels,
                                                                             temperature),
                "ece_before": expected_calibration_error(softmax(logits), labels),
                "ece_after": expected_calibration_error(softmax(logits, temperature), labels)}
-    return calibration, figures
+    counts = np.bincount(labels, minlength=classes)
+    if kind == "mahalanobis" and counts.min() < 2:
+        figures["score_fallback"] = (f"{FALLBACK_SCORE}, not mahalanobis: class "
+                                     f"{int(counts.argmin())} has {int(counts.min())} validation "
+                                     "image(s), and the Mahalanobis score needs 2 per class")
+        kind = FALLBACK_SCORE
+    if kind != "mahalanobis":
+        return Calibration(temperature, kind, threshold_keeping(
+            scores(logits, temperature, kind), keep), keep), figures
+    features = np.asarray(outputs["features"])
+    fold = halves(labels)
+    crossed = np.empty(len(labels))
+    for half in (0, 1):
+        fitted = fit_mahalanobis(features[fold != half], labels[fold != half], classes)
+        crossed[fold == half] = mahalanobis(features[fold == half], *fitted)
+    means, whitening = fit_mahalanobis(features, labels, classes)
+    return Calibration(temperature, kind, threshold_keeping(crossed, keep), keep, means,
+                       whitening), figures

@@ -58,7 +58,9 @@ class TrainConfig:
     epochs: int = setting(10, "phase 1 (head) epochs, with --head adam")
     learning_rate: float = setting(1e-3, "phase 1 learning rate, with --head adam")
     fine_tune_epochs: int = setting(10, "phase 2 epochs; 0 skips phase 2")
-    fine_tune_learning_rate: float = setting(1e-5, "phase 2 learning rate")
+    fine_tune_learning_rate: float | None = setting(None, "phase 2 learning rate (default: "
+                                                          "the backbone's, 1e-5 or as "
+                                                          "measured; see README)")
     schedule: str = setting("constant", "each Adam phase's learning rate: constant, or cosine "
                                         "(one epoch's linear warmup, then decayed to 0)",
                             SCHEDULES)
@@ -103,13 +105,15 @@ class TrainConfig:
                                        "$TRANSFER_CACHE_HOME; the least recently used are "
                                        "removed first")
 
-    def phases(self, cut):
-        """Phase 1 on the frozen backbone, then phase 2 from `cut` unless it has 0 epochs."""
+    def phases(self, spec):
+        """Phase 1 on the frozen backbone, then phase 2 from the backbone's (a BackboneSpec)
+        cut at its rate, or as set, unless it has 0 epochs."""
         phases = [Phase("head", self.epochs, self.learning_rate, None, self.head,
                         self.schedule, self.ema)]
         if self.fine_tune_epochs > 0:
             phases.append(Phase("fine_tune", self.fine_tune_epochs,
-                                self.fine_tune_learning_rate, self.fine_tune_from or cut,
+                                self.fine_tune_learning_rate or spec.fine_tune_learning_rate,
+                                self.fine_tune_from or spec.cut,
                                 schedule=self.schedule, ema=self.ema))
         return phases
 
@@ -137,7 +141,7 @@ class TrainConfig:
             raise ValueError(f"{_option('fine_tune_epochs')} must be 0 (skip phase 2) or more; "
                              f"received {self.fine_tune_epochs}.")
         for key in ("learning_rate", "fine_tune_learning_rate"):
-            if not getattr(self, key) > 0:
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise ValueError(f"{_option(key)} must be positive; "
                                  f"received {getattr(self, key)}.")
         if not 0 < self.keep <= 1:

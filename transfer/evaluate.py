@@ -137,7 +137,7 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     calibration = calibrate.read(run_dir)
-    scoring = scored(model, calibration, flips, logits=True)
+    scoring = scored(model, calibration, flips, raw=True)
     images, outputs = predictions or predict_files(scoring, paths)
     probabilities = outputs["probabilities"]
     labels = np.asarray(labels)
@@ -233,14 +233,13 @@ def calibration_metrics(calibration, outputs, labels):
 
 def unknown_metrics(calibration, inside, outside, others):
     """How well the in-class scores tell the images evaluated (inside: model.scored's outputs)
-    from others' (outside): AUROC and FPR at 95% TPR for each of calibrate.SCORES (the run's
-    at the top level), the shares of each the threshold rejects, the histogram's counts."""
+    from others' (outside): AUROC and FPR at 95% TPR for each of calibrate.SCORES the run can
+    compute (its own at the top level), the shares of each the threshold rejects, the histogram's counts."""
     from transfer import calibrate
 
-    by_score = {kind: calibrate.separation(
-        calibrate.scores(inside["logits"], calibration.temperature, kind),
-        calibrate.scores(outside["logits"], calibration.temperature, kind))
-        for kind in calibrate.SCORES}
+    by_score = {kind: calibrate.separation(calibrate.score_of(calibration, inside, kind),
+                                           calibrate.score_of(calibration, outside, kind))
+                for kind in calibrate.available_scores(calibration)}
     both = np.concatenate([inside["score"], outside["score"]]).astype(np.float64)
     low, high = both.min(), both.max()
     if np.isfinite(calibration.threshold):  # the line stays on the chart

@@ -151,16 +151,38 @@ class Logits(keras.layers.Layer):
 
 
 class Calibrated(keras.layers.Layer):
-    """Logits -> (softmax(logits / temperature), the in-class score): transfer.calibrate's
-    formulas in the graph ("energy": logsumexp(logits); "max_probability": the largest
-    calibrated probability)."""
+    """(logits, pooled features) -> (softmax(logits / temperature), the in-class score):
+    transfer.calibrate's formulas in the graph ("mahalanobis": minus the smallest squared
+    distance of the whitened features to a whitened class mean; "energy": logsumexp(logits);
+    "max_probability": the largest calibrated probability). The Mahalanobis statistics are
+    constant, non-trainable weights of the layer."""
 
-    def __init__(self, temperature=1.0, score="energy", **kwargs):
+    def __init__(self, temperature=1.0, score="energy", means=None, whitening=None, **kwargs):
         super().__init__(dtype="float32", **kwargs)
         self.temperature, self.score = float(temperature), score
+        self.centers = self.whitening = None
+        if score == "mahalanobis":
+            if means is None or whitening is None:
+                raise ValueError("The Mahalanobis score needs the class means and whitening "
+                                 "of a calibrated run; received none.")
+            self.whitening = self._constant("whitening", whitening)
+            self.centers = self._constant("centers", means @ whitening)
 
-    def call(self, logits):
+    def _constant(self, name, value):
+        weight = self.add_weight(shape=value.shape, initializer="zeros", trainable=False,
+                                 name=name)
+        weight.assign(value.astype("float32"))
+        return weight
+
+    def call(self, inputs):
+        logits, features = inputs
         probabilities = ops.softmax(logits / self.temperature, axis=-1)
-        score = (ops.logsumexp(logits, axis=-1) if self.score == "energy"
-                 else ops.max(probabilities, axis=-1))
+        if self.score == "mahalanobis":
+            whitened = ops.matmul(ops.cast(features, "float32"), self.whitening)
+            distances = ops.sum(ops.square(whitened[:, None, :] - self.centers[None]), axis=-1)
+            score = -ops.min(distances, axis=-1)
+        elif self.score == "energy":
+            score = ops.logsumexp(logits, axis=-1)
+        else:
+            score = ops.max(probabilities, axis=-1)
         return probabilities, score

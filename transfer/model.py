@@ -35,28 +35,31 @@ TTA_FLIPS = {"horizontal": ((2,),), "vertical": ((1,),),
              "horizontal_and_vertical": ((2,), (1,), (1, 2)), "none": ()}
 
 
-def scored(model, calibration=None, flip="none", logits=False):
+def scored(model, calibration=None, flip="none", raw=False):
     """A model sharing the classifier's layers, from images to {"probabilities": calibrated
     probabilities [N, C], "score": the in-class score [N]} (transfer.calibrate; `calibration`
-    None: temperature 1), and "logits" [N, C] too when asked. With test-time augmentation
-    (`flip`, as TrainConfig names the flips training augmented with) the logits are averaged
-    over each image and its mirror images first."""
+    None: temperature 1, the energy score), and with `raw` also "logits" [N, C] and
+    "features" [N, D], the uncalibrated logits and the pooled features they come from. With
+    test-time augmentation (`flip`, as TrainConfig names the flips training augmented with)
+    the pooled features are averaged over each image and its mirror images first: the
+    logits, an affine function of them, are then the average of each view's logits."""
     from transfer.calibrate import Calibration
     from transfer.layers import Calibrated, Logits
 
     calibration = calibration or Calibration()
     dense = model.get_layer("probabilities")
     features = keras.Model(model.input, dense.input)
-    logits_of = Logits(dense, name="logits")
     inputs = keras.Input(model.input_shape[1:], name=INPUT_NAME)
     views = [inputs] + [keras.ops.flip(inputs, axis=flipped) for flipped in TTA_FLIPS[flip]]
-    each = [logits_of(features(view)) for view in views]
-    averaged = (each[0] if len(each) == 1
-                else keras.layers.Average(name="tta_average", dtype="float32")(each))
+    each = [features(view) for view in views]
+    pooled = (each[0] if len(each) == 1
+              else keras.layers.Average(name="tta_average", dtype="float32")(each))
+    logits = Logits(dense, name="logits")(pooled)
     probabilities, score = Calibrated(calibration.temperature, calibration.score,
-                                      name="calibrated")(averaged)
+                                      calibration.means, calibration.whitening,
+                                      name="calibrated")([logits, pooled])
     outputs = {"probabilities": probabilities, "score": score}
-    return keras.Model(inputs, outputs | ({"logits": averaged} if logits else {}),
+    return keras.Model(inputs, outputs | ({"logits": logits, "features": pooled} if raw else {}),
                        name=f"{model.name}_scored")
 
 

@@ -128,24 +128,26 @@ def calibrate_run(model, run_dir, validation, keep):
     """Fit the temperature and the unknown-image threshold on the validation images (as the
     run predicts them: with its test-time augmentation) and write calibration.json.
 
-    Returns (the decoded images, model.scored's calibrated outputs for them), which the
-    validation report takes instead of predicting them again."""
+    Returns (the decoded images, model.scored's calibrated outputs for them, raw=True), which
+    the validation report takes instead of predicting them again."""
     from transfer import calibrate
     from transfer.evaluate import predict_files
     from transfer.model import scored
     from transfer.runs import tta_flip
 
-    images, outputs = predict_files(scored(model, flip=tta_flip(run_dir), logits=True),
+    images, outputs = predict_files(scored(model, flip=tta_flip(run_dir), raw=True),
                                     validation.paths)
-    logits = outputs["logits"]
-    calibration, figures = calibrate.calibrate(logits, validation.labels, keep)
-    write_json(run_dir / calibrate.CALIBRATION, calibration.to_dict() | figures)
+    calibration, figures = calibrate.calibrate(outputs, validation.labels, keep,
+                                               outputs["logits"].shape[1])
+    calibrate.write(run_dir, calibration, figures)
+    if "score_fallback" in figures:
+        log.warning("Warning: unknown images are scored by %s.", figures["score_fallback"])
     log.info("Calibrated on %d validation images: temperature %.3f (log loss %.4f -> %.4f, "
-             "ECE %.4f -> %.4f); %s below %.4f is unknown (keeps %.0f%%)", len(logits),
-             calibration.temperature, figures["nll_before"], figures["nll_after"],
-             figures["ece_before"], figures["ece_after"], calibration.score,
-             calibration.threshold, 100 * keep)
-    return images, calibrate.apply(calibration, logits)
+             "ECE %.4f -> %.4f); %s score below %.4g is unknown (keeps %.0f%%)",
+             len(validation.paths), calibration.temperature, figures["nll_before"],
+             figures["nll_after"], figures["ece_before"], figures["ece_after"],
+             calibration.score, calibration.threshold, 100 * keep)
+    return images, calibrate.apply(calibration, outputs)
 
 
 def export_run(run_dir, name=None, output="saved_models", formats=(), eval_images=1000,

@@ -46,7 +46,7 @@ def build(cfg, spec, num_classes, image_size):
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(spec, num_classes, image_size, cfg.weights, cfg.dropout)
-    for phase in cfg.phases(spec.cut):
+    for phase in cfg.phases(spec):
         if phase.unfreeze_from:
             cut_index(backbone_of(model), phase.unfreeze_from, spec.name)
     return model
@@ -82,7 +82,7 @@ def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose,
                 "images (--no-cache)")
 
     phases = [dataclasses.replace(phase, learning_rate=phase.learning_rate * replicas)
-              for phase in cfg.phases(spec.cut)]
+              for phase in cfg.phases(spec)]
     if cfg.cache and replicas > 1:
         log.info("Not caching: the feature caches are per process and %d replicas share this "
                  "run; the frozen layers run in every step.", replicas)
