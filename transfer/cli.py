@@ -6,7 +6,6 @@ The only module that prints.
 import argparse
 import io
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -24,11 +23,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if isinstance(sys.stdout, io.TextIOWrapper):  # print file names as they are, even non-UTF-8
         sys.stdout.reconfigure(errors="surrogateescape")
-    if args.command is cmd_serve:
-        # On CPUs where TensorFlow runs oneDNN's kernels (AVX-512 ones), oneDNN's own memory
-        # pool keeps the gigabyte a heavy request decoded; the system allocator gives it
-        # back (serve then trims the heap).
-        os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
+    if args.command is cmd_serve:  # before TensorFlow starts its threads
+        from transfer.serve import returnable_memory
+
+        returnable_memory()
     if args.command not in (cmd_check, cmd_backbones):  # the commands that need no TensorFlow
         from transfer.quiet import import_tensorflow
 

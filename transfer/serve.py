@@ -486,6 +486,22 @@ def _libc():
         return None
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter: the most malloc arenas
+
+
+def returnable_memory():
+    """Make what a heavy request takes go back to the system once it is answered; call
+    before TensorFlow starts its threads. On CPUs where TensorFlow runs oneDNN's kernels
+    (AVX-512 ones) oneDNN keeps its own memory pool, which never shrinks: the system allocator
+    is used instead. glibc then gets 2 heap arenas, not one per thread, so that its free
+    memory stays in few places that malloc_trim hands back (_trim_memory)."""
+    os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
+
+
 def _trim_memory():
     """Hand freed heap memory back to the system (glibc keeps it for reuse otherwise)."""
     if _libc() is not None:
