@@ -15,8 +15,8 @@ loads it:
   so one seed's figure cannot tell 0.02 from 0.01.
 - unknown images: every photo of ../shared/datasets/flowers (none of them a cat or a dog)
   against the cats_dogs test images: AUROC and the false-positive rate at 95% true positives
-  of each score (mahalanobis, energy, max_probability), and the share of each set the stored threshold
-  rejects. Target: AUROC at least 0.95 for mobilenetv2, for the score the tool uses.
+  of each score (mahalanobis, energy, max_probability), and the share of each set the stored
+  threshold rejects. Target: AUROC at least 0.95 for mobilenetv2, for the score the tool uses.
 - what --reject costs, on the validation and on the test images: accuracy without rejecting,
   the share rejected, the accuracy on the images kept, and the accuracy when each rejected
   image counts as wrong. The Mahalanobis score's statistics are fitted on the validation

@@ -77,6 +77,27 @@ def test_the_export_and_predict_give_the_same_probabilities_scores_and_flags(cal
     assert "unknown" in [row["label"] for row in rows["export"]]
 
 
+def test_training_scores_by_mahalanobis_and_the_export_computes_it_in_the_graph(trained_run,
+                                                                              tmp_path):
+    from transfer.pipeline import export_run
+
+    run_dir, dataset = trained_run
+    calibration = calibrate.read(run_dir)
+    assert calibration.score == "mahalanobis" and (run_dir / calibrate.STATISTICS).is_file()
+    files = list_images(dataset / "validation").images
+    images = np.stack([load_image(f, TINY_SIZE) for f in files]).astype("float32")
+    raw = {key: np.asarray(value) for key, value in
+           scored(load_model(run_dir / "model.keras"), raw=True)(images).items()}
+    expected = calibrate.score_of(calibration, raw)  # NumPy, from the pooled features
+    assert np.ptp(expected) > 0
+    target, _ = export_run(run_dir, output=tmp_path / "models")
+    from_keras, from_export = Predictor(run_dir).predict(images), Predictor(target).predict(images)
+    for scores in (from_keras["score"], from_export["score"]):
+        np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    np.testing.assert_array_equal(from_export["unknown"], from_keras["unknown"])
+    np.testing.assert_array_equal(from_export["unknown"], expected < calibration.threshold)
+
+
 def test_an_export_whose_calibration_differs_from_the_model_is_refused(calibrated_run,
                                                                        tmp_path):
     run_dir, _, images, calibration = calibrated_run

@@ -34,8 +34,8 @@ ECE_BINS = 15
 LOGIT_SCORES = ("energy", "max_probability")
 SCORES = ("mahalanobis", *LOGIT_SCORES)
 SCORE = "mahalanobis"
-FALLBACK_SCORE = "energy"
-EIGENVALUE_FLOOR = 1e-6  # of the mean eigenvalue: the Mahalanobis covariance's smallest  # where there are too few validation images per class for SCORE
+FALLBACK_SCORE = "energy"  # where there are too few validation images per class for SCORE
+EIGENVALUE_FLOOR = 1e-6  # of the mean eigenvalue: the Mahalanobis covariance's smallest
 TEMPERATURE_RANGE = (1e-2, 1e2)
 
 

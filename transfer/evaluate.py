@@ -234,7 +234,8 @@ def calibration_metrics(calibration, outputs, labels):
 def unknown_metrics(calibration, inside, outside, others):
     """How well the in-class scores tell the images evaluated (inside: model.scored's outputs)
     from others' (outside): AUROC and FPR at 95% TPR for each of calibrate.SCORES the run can
-    compute (its own at the top level), the shares of each the threshold rejects, the histogram's counts."""
+    compute (its own at the top level), the shares of each the threshold rejects, the
+    histogram's counts."""
     from transfer import calibrate
 
     by_score = {kind: calibrate.separation(calibrate.score_of(calibration, inside, kind),

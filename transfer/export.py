@@ -174,10 +174,10 @@ def export_savedmodel(model, classes, model_dir, calibration=None, flips="none",
 def verify_export(predicting, path, images=None, threshold=-math.inf, atol=1e-4, name=None):
     """Reload the SavedModel at `path` and check that its serving_default reproduces
     `predicting` (a model.scored model): its probabilities to `atol`, its scores to `atol`
-    relative to their size (energy scores are ~10, Mahalanobis scores thousands), and the unknown flags
-    (score < `threshold`) wherever the score is not within that tolerance of the threshold.
-    ValueError (naming the export `name`, by default its path) if not; returns the largest
-    probability difference."""
+    relative to their size (energy scores are ~10, Mahalanobis scores thousands), and the
+    unknown flags (score < `threshold`) wherever the score is not within that tolerance of
+    the threshold. ValueError (naming the export `name`, by default its path) if not;
+    returns the largest probability difference."""
     import tensorflow as tf
 
     size = predicting.input_shape[1]
