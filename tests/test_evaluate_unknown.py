@@ -71,6 +71,9 @@ def test_the_report_shows_the_calibration_before_and_after(trained_run):
     assert (f"<b>{found['ece_before']:.3f}</b> before, <b>{found['ece_after']:.3f}</b> after"
             in page)
     assert "unknown" not in metrics and "unknown_scores.png" not in page
+    # The Mahalanobis statistics were fitted on these very images, and the report says so.
+    assert found["score"] == "mahalanobis" and found["fitted_on"] == len(files)
+    assert f"fitted on {len(files)} of these images" in page
 
 
 def test_evaluate_unknown_measures_the_score_and_the_threshold(trained_run, tmp_path, capsys):

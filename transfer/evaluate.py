@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import keras
@@ -160,7 +161,8 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
             {"path": paths[i], "true": classes[labels[i]], "predicted": classes[predicted[i]],
              "probability": float(confidence[i])} for i in wrong[:GALLERY]],
         "set_aside": [[str(path), reason] for path, reason in set_aside],
-        "calibration": calibration_metrics(calibration, outputs, labels),
+        "calibration": calibration_metrics(calibration, outputs, labels)
+        | {"fitted_on": fitted_on(calibration, run_dir, paths)},
     }
     if unknown is not None:
         metrics["unknown"] = unknown_metrics(calibration, outputs,
@@ -229,6 +231,18 @@ def calibration_metrics(calibration, outputs, labels):
             "accuracy_kept": float(correct[kept].mean()) if kept.any() else None,
             "reliability_before": calibrate.reliability(before, labels),
             "reliability_after": calibrate.reliability(probabilities, labels)}
+
+
+def fitted_on(calibration, run_dir, paths):
+    """How many of `paths` the run's Mahalanobis statistics were fitted on (its validation
+    images): those score higher than new images would. 0 for the scores of the logits."""
+    if (calibration.score != "mahalanobis" or run_dir is None
+            or not (Path(run_dir) / "split.csv").is_file()):
+        return 0
+    from transfer.runs import read_split
+
+    fitted = {os.path.realpath(path) for path in read_split(run_dir)[1]["validation"].paths}
+    return sum(os.path.realpath(path) in fitted for path in paths)
 
 
 def unknown_metrics(calibration, inside, outside, others):
