@@ -15,7 +15,6 @@ log = logging.getLogger(__name__)
 FINE_TUNE_LEARNING_RATE = 1e-5  # phase 2's, for a backbone whose row names none
 
 
-
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
     """How to build, feed and fine-tune one keras.applications backbone.
