@@ -94,7 +94,7 @@ def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=
 
 def predict_files(model, paths, batch_size=32):
     """(uint8 images [N, H, W, 3], the model's outputs for them) of image files: for a
-    model.scored model, {"probabilities", "score"[, "logits"]: arrays [N, ...]}."""
+    model.scored model, {"probabilities", "score"[, "logits", "features"]: arrays [N, ...]}."""
     from transfer.images import load_image
 
     size = model.input_shape[1]
@@ -213,7 +213,7 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
 
 def calibration_metrics(calibration, outputs, labels):
     """The run's Calibration and what it does on these images (outputs: model.scored's, with
-    logits): ECE, log loss and the reliability bins at temperature 1 ("before") and at the
+    raw=True): ECE, log loss and the reliability bins at temperature 1 ("before") and at the
     run's ("after"); the share the threshold rejects and the accuracy on the rest."""
     from transfer import calibrate
 
