@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transfer.files import write_json, write_npz
+
 CALIBRATION = "calibration.json"  # in the run directory
 STATISTICS = "calibration.npz"  # beside it: the Mahalanobis score's class means and whitening
 ECE_BINS = 15
@@ -96,12 +98,9 @@ def read(run_dir):
 
 def write(run_dir, calibration, figures):
     """calibration.json (with `figures`) and, for the Mahalanobis score, calibration.npz."""
-    from transfer.files import atomic_path, write_json
-
     if calibration.means is not None:
-        with atomic_path(Path(run_dir) / STATISTICS) as temporary:
-            with open(temporary, "wb") as handle:
-                np.savez(handle, means=calibration.means, whitening=calibration.whitening)
+        write_npz(Path(run_dir) / STATISTICS, means=calibration.means,
+                  whitening=calibration.whitening)
     write_json(Path(run_dir) / CALIBRATION, calibration.to_dict() | figures)
 
 

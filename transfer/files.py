@@ -51,6 +51,15 @@ def write_atomic(path, text):
         temporary.write_text(text, encoding="utf-8", errors="backslashreplace")
 
 
+def write_npz(path, *arrays, **named):
+    """NumPy arrays as one .npz file (arr_0, arr_1, ... and the named ones)."""
+    import numpy as np
+
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, *arrays, **named)
+
+
 def write_json(path, value):
     write_atomic(path, json.dumps(value, indent=2) + "\n")
 

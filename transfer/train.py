@@ -16,7 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transfer.files import atomic_path, write_json
+from transfer.files import atomic_path, write_json, write_npz
 from transfer.runs import read_history, write_history
 
 log = logging.getLogger(__name__)
@@ -292,9 +292,7 @@ def _steps_per_epoch(data):
 
 def save_weights(model, path):
     """Model weights only (not the optimizer), atomically, as .npz."""
-    with atomic_path(path) as temporary:
-        with open(temporary, "wb") as handle:
-            np.savez(handle, *model.get_weights())
+    write_npz(path, *model.get_weights())
 
 
 def load_weights(model, path):
