@@ -46,7 +46,7 @@ def gaussian_classes(count, classes=3, dimensions=16, shift=0.0, seed=0):
 
 def test_scaling_lowers_the_calibration_error_and_never_changes_the_class():
     logits, labels = overconfident()
-    calibration, figures = calibrate.calibrate({"logits": logits}, labels, 0.95, 3,
+    calibration, figures = calibrate.calibrate({"logits": logits}, labels, 0.95,
                                                kind="energy")
     assert figures["ece_after"] < 0.03 < figures["ece_before"]
     after = calibrate.softmax(logits, calibration.temperature)
@@ -67,7 +67,7 @@ def test_calibration_error_of_a_known_case():
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.95, 0.99, 1.0])
 def test_the_threshold_keeps_the_asked_share_of_validation_images(keep):
     logits, labels = overconfident(count=1000)
-    calibration, _ = calibrate.calibrate({"logits": logits}, labels, keep, 3, kind="energy")
+    calibration, _ = calibrate.calibrate({"logits": logits}, labels, keep, kind="energy")
     kept = calibrate.scores(logits, calibration.temperature) >= calibration.threshold
     assert keep <= kept.mean() < keep + 2 / len(logits)
 
@@ -80,7 +80,7 @@ def test_the_mahalanobis_threshold_keeps_the_asked_share_of_new_in_class_images(
     features, labels = gaussian_classes(600)
     logits = np.zeros((len(labels), 3))
     calibration, _ = calibrate.calibrate({"logits": logits, "features": features}, labels,
-                                         keep, 3)
+                                         keep)
     assert calibration.score == "mahalanobis" and calibration.means.shape == (3, 16)
     new, _ = gaussian_classes(5000, seed=1)
     others, _ = gaussian_classes(1000, shift=40.0, seed=2)
@@ -109,7 +109,7 @@ def test_too_few_validation_images_per_class_fall_back_to_energy():
     labels[0] = 1  # one image of class 1: no half can hold it
     calibration, figures = calibrate.calibrate(
         {"logits": np.random.default_rng(0).normal(0, 1, (10, 2)), "features": features},
-        labels, 0.9, 2)
+        labels, 0.9)
     assert calibration.score == "energy" and calibration.means is None
     assert "class 1 has 1 validation image(s)" in figures["score_fallback"]
 
@@ -140,7 +140,7 @@ def test_a_run_without_calibration_changes_nothing_and_rejects_nothing(tmp_path)
 def test_the_mahalanobis_statistics_are_stored_beside_calibration_json(tmp_path):
     features, labels = gaussian_classes(300)
     calibration, figures = calibrate.calibrate(
-        {"logits": np.zeros((300, 3)), "features": features}, labels, 0.95, 3)
+        {"logits": np.zeros((300, 3)), "features": features}, labels, 0.95)
     calibrate.write(tmp_path, calibration, figures)
     assert json.loads((tmp_path / calibrate.CALIBRATION).read_text())["score"] == "mahalanobis"
     read = calibrate.read(tmp_path)

@@ -72,10 +72,10 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, values, arrays=None):
-        threshold = values.get("threshold")
+        threshold, arrays = values.get("threshold"), arrays or {}
         return cls(float(values["temperature"]), values.get("score", FALLBACK_SCORE),
                    -math.inf if threshold is None else float(threshold), values.get("keep"),
-                   *((arrays["means"], arrays["whitening"]) if arrays is not None else ()))
+                   arrays.get("means"), arrays.get("whitening"))
 
 
 def read(run_dir):
@@ -259,13 +259,14 @@ def halves(labels):
     return fold
 
 
-def calibrate(outputs, labels, keep, classes, kind=SCORE):
+def calibrate(outputs, labels, keep, kind=SCORE):
     """(Calibration, figures for metrics.json) from the validation images' uncalibrated
     outputs (model.scored's with raw=True: "logits", "features") and labels.
 
     The Mahalanobis score needs two validation images of every class, one per half; with
     fewer it falls back to FALLBACK_SCORE and the figures say why ("score_fallback")."""
     logits, labels = np.asarray(outputs["logits"]), np.asarray(labels)
+    classes = logits.shape[1]
     temperature = fit_temperature(logits, labels)
     figures = {"temperature": temperature,
                "nll_before": log_loss(logits, labels), "nll_after": log_loss(logits, labels,

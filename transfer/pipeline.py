@@ -137,8 +137,7 @@ def calibrate_run(model, run_dir, validation, keep):
 
     images, outputs = predict_files(scored(model, flip=tta_flip(run_dir), raw=True),
                                     validation.paths)
-    calibration, figures = calibrate.calibrate(outputs, validation.labels, keep,
-                                               outputs["logits"].shape[1])
+    calibration, figures = calibrate.calibrate(outputs, validation.labels, keep)
     calibrate.write(run_dir, calibration, figures)
     if "score_fallback" in figures:
         log.warning("Warning: unknown images are scored by %s.", figures["score_fallback"])
