@@ -31,8 +31,13 @@ def main(argv=None):
         from transfer.quiet import import_tensorflow
 
         import_tensorflow()
+    from transfer.distribute import RESTART_STATUS, RestartNeeded
+
     try:
         return args.command(args) or 0
+    except RestartNeeded as error:
+        print(f"stopped: {error} (exit status {RESTART_STATUS})", file=sys.stderr)
+        return RESTART_STATUS
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

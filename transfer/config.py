@@ -93,7 +93,8 @@ class TrainConfig:
     evaluate: bool = setting(True, "write the evaluation report (report.html, metrics.json) on "
                                    "the validation images at the end")
     strategy: str = setting("auto", "tf.distribute strategy (auto: mirrored on more than one "
-                                    "GPU)", STRATEGIES)
+                                    "GPU; multiworker: the machines TF_CONFIG or Slurm "
+                                    "describes)", STRATEGIES)
     precision: str = setting("float32", "mixed: float16 compute on GPUs", PRECISIONS)
     jit: bool = setting(False, "compile with XLA (GPUs)")
     cache: bool = setting(True, "train on cached outputs of the frozen layers; --no-cache runs "
@@ -149,6 +150,10 @@ class TrainConfig:
                              f"images kept; received {self.keep}.")
         if not 0 <= self.ema < 1:
             raise ValueError(f"{_option('ema')} must be 0 (off) or in (0, 1); received {self.ema}.")
+        if self.ema and self.strategy == "multiworker":
+            raise ValueError(f"{_option('ema')} averages weights through model.fit, which "
+                             "several machines train without; with --strategy multiworker "
+                             f"leave it at 0; received {self.ema}.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"{_option('dropout')} must be in [0, 1); received {self.dropout}.")
         if not 0 < self.validation_split < 1:

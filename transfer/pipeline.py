@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg, verbose="auto"):
     """Train a classifier as `cfg` says in a new run directory, which it returns."""
-    from transfer import check, data, layouts, runs
+    from transfer import check, data, distribute, layouts, runs
     from transfer.backbones import get_spec
     from transfer.train import build, devices
 
@@ -30,6 +30,11 @@ def train(cfg, verbose="auto"):
     strategy, jit = devices(cfg)
     with strategy.scope():
         model = build(cfg, spec, len(classes), image_size)
+    if not distribute.is_chief(strategy):  # another worker of a multi-worker run: the chief's
+        run_dir = _shared_run_dir(strategy, None)
+        classes, splits = runs.read_split(run_dir)
+        return _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose,
+                                   strategy, jit)
 
     started = time.time()
     reports = layouts.check_layout(layout)
@@ -43,19 +48,29 @@ def train(cfg, verbose="auto"):
     splits = data.assign_splits(reports, classes, cfg.validation_split, cfg.test_split,
                                 cfg.seed)
 
-    run_dir = runs.new_run_dir(Path(cfg.runs_dir) / data_name, cfg.backbone)
-    log.info("Run directory: %s", run_dir)
     saved = cfg.to_dict() | {"image_size": image_size, "data_dir": os.path.abspath(data_dir),
                              "data_name": data_name, "layout": layout.kind}
     if cfg.weights_file() is not None:  # found again from any folder
         saved["weights"] = os.path.abspath(cfg.weights_file())
     if labels is not None:
         saved["labels"] = os.path.abspath(labels)
-    write_json(run_dir / "config.json", saved)
-    write_json(run_dir / "classes.json", classes)
-    write_json(run_dir / "versions.json", runs.library_versions())
-    runs.write_bad_files(run_dir, [item for report in reports for item in report.bad])
-    runs.write_split(run_dir, classes, splits)
+    parent = Path(cfg.runs_dir) / data_name
+    # Restarted workers run the same command again: it continues their unfinished run.
+    run_dir = _unfinished_run(parent, saved) if cfg.strategy == "multiworker" else None
+    if run_dir is not None:
+        log.info("Continuing the unfinished multi-worker run with the same settings: %s",
+                 run_dir)
+        classes, splits = runs.read_split(run_dir)
+    else:
+        run_dir = runs.new_run_dir(parent, cfg.backbone)
+        log.info("Run directory: %s", run_dir)
+        write_json(run_dir / "config.json", saved)
+        write_json(run_dir / "classes.json", classes)
+        write_json(run_dir / "versions.json", runs.library_versions())
+        runs.write_bad_files(run_dir, [item for report in reports for item in report.bad])
+        runs.write_split(run_dir, classes, splits)
+    if cfg.strategy == "multiworker":
+        _shared_run_dir(strategy, run_dir)
     return _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, strategy,
                                jit)
 
@@ -95,15 +110,26 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
     """Fit in the strategy's scope; then, outside it (one device predicts: Keras's
     predict_on_batch repeats a dict of outputs per replica), the calibration, the learning
     curves, the reports on the test images (test/) and on the validation images, and
-    summary.json, which marks the run finished."""
+    summary.json, which marks the run finished: on the chief alone, while the other workers
+    of a multi-worker run wait."""
+    from transfer import distribute
     from transfer.evaluate import accuracy, evaluate, plot_learning_curves
+    from transfer.model import load_model
     from transfer.runs import read_bad_files, tta_flip
     from transfer.train import fit_run, write_summary
 
     started = time.time()
-    with strategy.scope():
+    with strategy.scope(), distribute.restart_on_lost_worker(strategy):
         history = fit_run(model, cfg, spec, run_dir, classes, splits["train"],
                           splits["validation"], verbose, jit)
+    several = distribute.worker_count(strategy) > 1
+    if not distribute.is_chief(strategy):
+        log.info("Trained; waiting for the chief to write the model and its reports.")
+        with distribute.restart_on_lost_worker(strategy):
+            distribute.from_chief(strategy, [0])
+        return run_dir
+    if cfg.strategy == "multiworker":  # predicting on the chief alone: no collective ops
+        model = load_model(run_dir / "model.keras")
     plot_learning_curves(history, run_dir / "learning_curves.png")
     seconds = time.time() - started  # training's; the reports after it are not counted
     validated = calibrate_run(model, run_dir, splits["validation"], cfg.keep)
@@ -121,6 +147,39 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
     elif test:
         test_accuracy = accuracy(model, test.paths, test.labels, flips)
     write_summary(run_dir, history, seconds, test_accuracy)
+    if several:  # the other workers wait for this
+        distribute.from_chief(strategy, [0])
+    return run_dir
+
+
+def _unfinished_run(parent, saved):
+    """The newest unfinished run under parent whose config.json is `saved`, or None."""
+    candidates = sorted((run for run in Path(parent).glob("*")
+                         if (run / "split.csv").is_file() and not (run / "summary.json").is_file()),
+                        key=lambda run: (run / "split.csv").stat().st_mtime, reverse=True)
+    for run in candidates:
+        try:
+            if json.loads((run / "config.json").read_text()) == saved:
+                return run
+        except (OSError, ValueError):  # not a run of this tool's: not ours to continue
+            continue
+    return None
+
+
+def _shared_run_dir(strategy, run_dir):
+    """The chief's run directory (`run_dir` on the chief, None on the others), on every worker
+    of a multi-worker run; FileNotFoundError on all of them unless all see it."""
+    from transfer import distribute
+
+    run_dir = Path(distribute.text_from_chief(strategy, str(Path(run_dir).resolve())
+                                              if run_dir else ""))
+    unseen = distribute.total(strategy, [not (run_dir / "split.csv").is_file()])[0]
+    if unseen:
+        raise FileNotFoundError(
+            f"{unseen:.0f} worker(s) cannot see the chief's run directory {run_dir}: with "
+            "--strategy multiworker, put --runs-dir on storage that every worker sees at the "
+            "same path, as every worker reads the split and restores the chief's checkpoints "
+            "there.")
     return run_dir
 
 

@@ -7,6 +7,7 @@ drivers and CPU instructions. import_tensorflow() does that loading with descrip
 at a temporary file, then writes back every line that is not one of those.
 """
 
+import logging
 import os
 import re
 import sys
@@ -43,6 +44,10 @@ def import_tensorflow():
             import tensorflow as tf
 
             tf.config.list_physical_devices()
+            # Its Python INFO lines (one per collective, one per checkpoint saved, some through
+            # absl) are noise beside this tool's own; its warnings still show.
+            for name in ("tensorflow", "absl"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         finally:
             os.dup2(saved, 2)
             os.close(saved)

@@ -5,6 +5,7 @@ are on disk, so an interrupted run loses at most the epoch it was in; calling fi
 on the same run directory continues it.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,17 +25,20 @@ log = logging.getLogger(__name__)
 BEST_WEIGHTS = "best.weights.npz"
 STATE = "state.json"
 IMAGE_CACHE = "image_cache"  # decoded images that exceed the memory budget, during training
+ADAM_INSTEAD = "Phase %s is fitted by Adam: solving it needs the cached features."
 
 
 def devices(cfg):
     """(the tf.distribute strategy, compile()'s jit_compile), with the precision policy set."""
     from transfer.distribute import make_strategy, set_precision
 
+    strategy = make_strategy(cfg.strategy)  # first: a multi-worker one must precede any op
     jit = set_precision(cfg.precision, cfg.jit)
-    strategy = make_strategy(cfg.strategy)
     if strategy.num_replicas_in_sync > 1:
         log.info("%d replicas (%s): global batch %d, learning rates x%d (linear scaling rule)",
-                 strategy.num_replicas_in_sync, type(strategy).__name__,
+                 strategy.num_replicas_in_sync,
+                 "MultiWorkerMirroredStrategy" if cfg.strategy == "multiworker"
+                 else type(strategy).__name__,
                  cfg.batch_size * strategy.num_replicas_in_sync, strategy.num_replicas_in_sync)
     return strategy, jit
 
@@ -54,18 +58,21 @@ def build(cfg, spec, num_classes, image_size):
 
 def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, jit="auto"):
     """Fit both phases inside the current tf.distribute strategy's scope and save
-    model.keras; returns the history of every epoch."""
+    model.keras; returns the history of every epoch. Several machines train in
+    transfer.multiworker's loop instead of model.fit."""
     import tensorflow as tf
 
     from transfer import data
     from transfer.cache import CachedFeeds
 
+    if cfg.strategy == "multiworker":
+        from transfer import multiworker
+
+        return multiworker.fit_run(model, cfg, spec, run_dir, classes, train_split, val_split,
+                                   verbose)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     image_size = model.input_shape[1]
-    weights = data.class_weights(train_split.labels, len(classes), cfg.class_weights)
-    if weights:
-        log.info("Class weights (imbalanced classes): %s",
-                 ", ".join(f"{classes[label]} {w:.2f}" for label, w in weights.items()))
+    weights = class_weights(cfg, classes, train_split)
     shutil.rmtree(run_dir / IMAGE_CACHE, ignore_errors=True)  # left by an interrupted run
     (run_dir / IMAGE_CACHE).mkdir()
     decoded = {name: data.decoded(split, image_size, cfg.cache_memory_mb * 2**20,
@@ -81,32 +88,60 @@ def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose,
         return (model, images("train", augment=True, shuffle=True), images("validation"),
                 "images (--no-cache)")
 
-    phases = [dataclasses.replace(phase, learning_rate=phase.learning_rate * replicas)
-              for phase in cfg.phases(spec)]
+    phases = scaled_phases(cfg, spec, replicas)
     if cfg.cache and replicas > 1:
         log.info("Not caching: the feature caches are per process and %d replicas share this "
                  "run; the frozen layers run in every step.", replicas)
     feeds = CachedFeeds(model, cfg, phases, train_split, val_split, images, verbose) \
         if cfg.cache and replicas == 1 else uncached
     try:
-        history = fit_phases(model, phases, feeds, run_dir, cfg.patience, verbose,
-                             class_weight=weights, jit_compile=jit)
+        with decode_failures_reported(run_dir):
+            history = fit_phases(model, phases, feeds, run_dir, cfg.patience, verbose,
+                                 class_weight=weights, jit_compile=jit)
     except KeyboardInterrupt:
         log.warning("Interrupted. Continue with: python -m transfer train --resume %s", run_dir)
         raise
-    except tf.errors.InvalidArgumentError as error:  # raised inside tf.data's decoding
-        line = next((line for line in error.message.splitlines()
-                     if data.DECODE_FAILURE in line), None)
+
+    with atomic_path(run_dir / "model.keras") as temporary:
+        model.save(temporary)
+    shutil.rmtree(run_dir / IMAGE_CACHE, ignore_errors=True)
+    return history
+
+
+@contextlib.contextmanager
+def decode_failures_reported(run_dir):
+    """An image that no longer decodes (raised inside tf.data) as a ValueError that names it."""
+    import tensorflow as tf
+
+    from transfer.data import DECODE_FAILURE
+
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as error:
+        line = next((line for line in error.message.splitlines() if DECODE_FAILURE in line),
+                    None)
         if line is None:
             raise
         raise ValueError(f"{line.split('ValueError: ', 1)[-1].strip()} Restore it and continue "
                          f"with: python -m transfer train --resume {run_dir}; or remove it and "
                          "train again.") from None
 
-    with atomic_path(run_dir / "model.keras") as temporary:
-        model.save(temporary)
-    shutil.rmtree(run_dir / IMAGE_CACHE, ignore_errors=True)
-    return history
+
+def class_weights(cfg, classes, train_split):
+    """{label: weight} for the loss as cfg.class_weights says (empty: unweighted), logged."""
+    from transfer import data
+
+    weights = data.class_weights(train_split.labels, len(classes), cfg.class_weights)
+    if weights:
+        log.info("Class weights (imbalanced classes): %s",
+                 ", ".join(f"{classes[label]} {w:.2f}" for label, w in weights.items()))
+    return weights
+
+
+def scaled_phases(cfg, spec, replicas):
+    """cfg's phases with their learning rates times the replicas (the linear scaling rule)."""
+    return [dataclasses.replace(phase, learning_rate=phase.learning_rate * replicas)
+            for phase in cfg.phases(spec)]
 
 
 def write_summary(run_dir, history, seconds, test_accuracy=None):
@@ -163,7 +198,8 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         started = time.time()
         set_trainable(backbone_of(model), phase.unfreeze_from)
         fit_model, train_data, val_data, fed = feeds(phase)
-        fit_model.compile(optimizer=_optimizer(phase, train_data),
+        steps = _steps_per_epoch(train_data) if phase.schedule == "cosine" else None
+        fit_model.compile(optimizer=phase_optimizer(phase, steps),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                           jit_compile=jit_compile)
         # Kept until state.json says the phase is done, so no moment loses a finished phase.
@@ -176,8 +212,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
                                patience)
         solved = phase.solver == "lbfgs" and isinstance(train_data, Views)
         if phase.solver == "lbfgs" and not solved:
-            log.info("Phase %s is fitted by Adam: solving it needs the cached features.",
-                     phase.name)
+            log.info(ADAM_INSTEAD, phase.name)
         log.info("Phase %s: %s trainable weights (%s), %s, on %s%s",
                  phase.name, f"{count_trainable(model):,}",
                  f"from {phase.unfreeze_from}" if phase.unfreeze_from else "backbone frozen",
@@ -247,9 +282,13 @@ class PhaseTracker(keras.callbacks.Callback):
         self.stepped = True  # by model.fit's optimizer, whose rate may follow a schedule
 
     def on_epoch_end(self, epoch, logs=None):
-        # float32's shortest repr: 0.002, not 0.0020000000949949026
-        rate = (float(str(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-                if self.stepped else self.learning_rate)
+        if self.record(epoch, logs, learning_rate(self.model.optimizer) if self.stepped
+                       else self.learning_rate):
+            self.model.stop_training = True
+
+    def record(self, epoch, logs, rate):
+        """Add epoch's row (0-based) to history.csv and keep the weights if they are the best
+        yet; returns whether the phase should stop."""
         row = {"epoch": epoch + 1, "phase": self.phase,
                **{key: float(value) for key, value in (logs or {}).items()},
                "learning_rate": rate}
@@ -262,16 +301,20 @@ class PhaseTracker(keras.callbacks.Callback):
             self.phase_best, self.wait = row["val_loss"], 0
         else:
             self.wait += 1
-            if self.wait >= self.patience:
-                self.model.stop_training = True
+        return self.wait >= self.patience
 
 
-def _optimizer(phase, train_data):
+def learning_rate(optimizer):
+    """An optimizer's rate now (its schedule's, where it has one), as float32's shortest
+    repr: 0.002, not 0.0020000000949949026."""
+    return float(str(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+
+
+def phase_optimizer(phase, steps_per_epoch=None):
     """Adam at the phase's learning rate, constant or on a cosine schedule with one epoch's
-    warmup (of train_data's batches), averaging the weights when the phase says so."""
+    warmup (of steps_per_epoch steps), averaging the weights when the phase says so."""
     rate = phase.learning_rate
     if phase.schedule == "cosine":
-        steps_per_epoch = _steps_per_epoch(train_data)
         warmup = steps_per_epoch if phase.epochs > 1 else 0
         rate = keras.optimizers.schedules.CosineDecay(
             0.0 if warmup else rate, max(1, phase.epochs * steps_per_epoch - warmup),
