@@ -17,6 +17,7 @@ on storage that every worker sees at the same path.
 """
 
 import hashlib
+import json
 import logging
 import math
 import shutil
@@ -67,10 +68,9 @@ def _fit(strategy, chief, model, cfg, spec, run_dir, scratch, classes, train_spl
          verbose):
     import tensorflow as tf
 
-    from transfer.model import backbone_of, count_trainable, set_trainable
+    from transfer.model import backbone_of, set_trainable
 
     workers = distribute.worker_count(strategy)
-    where = f"worker {strategy.cluster_resolver.task_id} of {workers}"
     phases = scaled_phases(cfg, spec, strategy.num_replicas_in_sync)
     if cfg.cache:
         log.info("Not caching: the feature caches are per process and %d workers share this "
@@ -80,14 +80,17 @@ def _fit(strategy, chief, model, cfg, spec, run_dir, scratch, classes, train_spl
     optimizers = {}
     for phase in phases:  # all built now, so that one checkpoint holds every phase's state
         set_trainable(backbone_of(model), phase.unfreeze_from)
-        optimizers[phase.name] = phase_optimizer(phase, feed.steps)
-        optimizers[phase.name].build(model.trainable_variables)
+        optimizer = phase_optimizer(phase, feed.steps)
+        if model.dtype_policy.name == "mixed_float16":  # as compile() wraps it for fit
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+        optimizers[phase.name] = optimizer
     # (phase, epochs done in it, steps done in the epoch), and the epoch's sums so far
     position = tf.Variable([0, 0, 0], dtype=tf.int64, name="position")
     sums = tf.Variable(tf.zeros(3, tf.float64), name="sums")
     checkpoint = tf.train.Checkpoint(model=model, position=position, sums=sums, **optimizers)
     latest = tf.train.latest_checkpoint(run_dir / CHECKPOINTS)
-    if latest:
+    if latest:  # every worker: the chief's
         checkpoint.restore(latest).assert_existing_objects_matched()
 
     def preempted():
@@ -102,79 +105,21 @@ def _fit(strategy, chief, model, cfg, spec, run_dir, scratch, classes, train_spl
     handler = tf.distribute.experimental.PreemptionCheckpointHandler(
         strategy.cluster_resolver, manager,
         termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=preempted))
+    loop = Loop(strategy, chief, model, feed, run_dir, position, sums, manager, handler,
+                verbose)
     state = _read_state(run_dir) if chief else {}
-    completed = state.get("completed", [])
-    chief_position, done_phases = distribute.from_chief(
-        strategy, [position.numpy(), len(completed)])
-    if distribute.total(strategy, [np.any(chief_position != position.numpy())])[0]:
-        raise ValueError(f"The workers restored different checkpoints ({where}: position "
-                         f"{position.numpy().tolist()}, the chief: {chief_position.tolist()}). "
-                         "Every worker restores the chief's checkpoint from "
-                         f"{run_dir / CHECKPOINTS}: put --runs-dir on storage that every "
-                         "worker sees at the same path.")
+    completed, timings = state.get("completed", []), state.get("phases", {})
+    start = loop.agreed_start(len(completed))
     history = read_history(run_dir / "history.csv") if chief else []
-    timings = state.get("phases", {})
     offset = 0
     for index, phase in enumerate(phases):
-        if index < max(int(position[0]), int(done_phases)):
+        if index < start:
             offset += len([row for row in history if row["phase"] == phase.name])
             continue
         started = time.time()
-        set_trainable(backbone_of(model), phase.unfreeze_from)
-        if index != int(position[0]) or not np.any(position.numpy()[1:]):
-            # each phase starts from the best weights so far, the chief's
-            if chief and (run_dir / BEST_WEIGHTS).is_file():
-                load_weights(model, run_dir / BEST_WEIGHTS)
-            _weights_from_chief(strategy, model)
-            position.assign([index, 0, 0])
-            sums.assign(tf.zeros(3, tf.float64))
-        epoch = int(position[1])
-        history = [row for row in history if row["phase"] != phase.name
-                   or row["epoch"] <= offset + epoch]
-        tracker = PhaseTracker(model, phase.name, phase.learning_rate, history, run_dir,
-                               cfg.patience) if chief else None
-        if phase.solver == "lbfgs":
-            log.info(ADAM_INSTEAD, phase.name)
-        log.info("Phase %s: %s trainable weights (%s), %d epochs at learning rate %g, on "
-                 "images, %d steps of %d per epoch over %d workers%s", phase.name,
-                 f"{count_trainable(model):,}",
-                 f"from {phase.unfreeze_from}" if phase.unfreeze_from else "backbone frozen",
-                 phase.epochs, phase.learning_rate, feed.steps, feed.global_batch, workers,
-                 f"; resuming at epoch {offset + epoch + 1}, step {int(position[2]) + 1}"
-                 if epoch or int(position[2]) else "")
-        optimizer = optimizers[phase.name]
-        train_step = feed.train_step(optimizer)
-        stop = bool(distribute.from_chief(
-            strategy, [chief and tracker.finished(offset + phase.epochs)])[0])
-        while not stop and epoch < phase.epochs:
-            epoch_started = time.time()
-            progress = keras.utils.Progbar(feed.steps, verbose=1) \
-                if chief and verbose == 1 else None
-            batches = iter(feed.train)  # each epoch newly shuffled, as model.fit's
-            for step in range(int(position[2]), feed.steps):
-                sums.assign_add(handler.run(train_step, batches))
-                position.assign([index, epoch, step + 1])
-                if progress is not None:
-                    progress.update(step + 1, [("loss", float(sums[0] / sums[2]))])
-            loss, correct, count = sums.numpy()
-            logs = {"loss": loss / count, "accuracy": correct / count,
-                    **feed.validate()}
-            position.assign([index, epoch + 1, 0])
-            sums.assign(tf.zeros(3, tf.float64))
-            if chief:
-                stop = tracker.record(offset + epoch, logs, learning_rate(optimizer))
-                log.info("Epoch %d (%s): %s; %.1f s", offset + epoch + 1, phase.name,
-                         ", ".join(f"{key} {value:.4f}" for key, value in logs.items()),
-                         time.time() - epoch_started)
-            stop = bool(distribute.from_chief(strategy, [stop])[0])
-            manager.save()
-            epoch += 1
-        log.info("Phase %s on %s: weights sha256 %s", phase.name, where, _fingerprint(model))
-        if distribute.from_chief(strategy, [chief and not (run_dir / BEST_WEIGHTS).is_file()])[0]:
-            raise ValueError(f"Training diverged: the validation loss of phase {phase.name} was "
-                             f"never a number. Lower the learning rate ({phase.learning_rate:g}).")
+        history = loop.phase(index, phase, optimizers[phase.name], offset, history,
+                             cfg.patience)
         if chief:
-            history = tracker.history
             rows = len([row for row in history if row["phase"] == phase.name])
             offset += rows
             completed.append(phase.name)
@@ -182,7 +127,8 @@ def _fit(strategy, chief, model, cfg, spec, run_dir, scratch, classes, train_spl
                                    "fed": f"images ({workers} workers)"}
             write_json(run_dir / STATE, {"completed": completed, "phases": timings})
             log.info("Phase %s: %d epochs in %.0f s, best val_loss so far %.4f", phase.name,
-                     rows, time.time() - started, tracker.best_loss)
+                     rows, time.time() - started,
+                     min(row["val_loss"] for row in history))
         position.assign([index + 1, 0, 0])
         manager.save()
     if chief:
@@ -190,9 +136,107 @@ def _fit(strategy, chief, model, cfg, spec, run_dir, scratch, classes, train_spl
     return history
 
 
-def _read_state(run_dir):
-    import json
+class Loop:
+    """The phases' epochs and steps, on every worker in step: the chief decides (its history
+    and best weights), and the others follow."""
 
+    def __init__(self, strategy, chief, model, feed, run_dir, position, sums, manager, handler,
+                 verbose):
+        self.strategy, self.chief, self.model, self.feed = strategy, chief, model, feed
+        self.run_dir, self.position, self.sums = run_dir, position, sums
+        self.manager, self.handler, self.verbose = manager, handler, verbose
+        resolver = strategy.cluster_resolver
+        self.where = (f"{resolver.task_type} {resolver.task_id} of "
+                      f"{distribute.worker_count(strategy)}")
+
+    def agreed_start(self, completed):
+        """The first phase to train, with every worker's checkpoint found to be the chief's
+        (ValueError on all of them otherwise); `completed`: the phases the chief's state.json
+        says are done, which may be ahead of its last checkpoint."""
+        here = self.position.numpy()
+        chief, done = distribute.from_chief(self.strategy, [here, completed])
+        if distribute.total(self.strategy, [np.any(chief != here)])[0]:
+            raise ValueError(f"The workers restored different checkpoints ({self.where}: "
+                             f"position {here.tolist()}, the chief: {chief.tolist()}). Every "
+                             "worker restores the chief's checkpoint from "
+                             f"{self.run_dir / CHECKPOINTS}: put --runs-dir on storage that "
+                             "every worker sees at the same path.")
+        return max(int(here[0]), int(done))
+
+    def phase(self, index, phase, optimizer, offset, history, patience):
+        """Train phase number `index` until it ends or stops early; returns the history."""
+        import tensorflow as tf
+
+        from transfer.model import backbone_of, count_trainable, set_trainable
+
+        model, chief, run_dir = self.model, self.chief, self.run_dir
+        set_trainable(backbone_of(model), phase.unfreeze_from)
+        if index != int(self.position[0]) or not np.any(self.position.numpy()[1:]):
+            # a phase begun afresh starts from the best weights so far, the chief's
+            if chief and (run_dir / BEST_WEIGHTS).is_file():
+                load_weights(model, run_dir / BEST_WEIGHTS)
+            _weights_from_chief(self.strategy, model)
+            self.position.assign([index, 0, 0])
+            self.sums.assign(tf.zeros(3, tf.float64))
+        epoch, step = int(self.position[1]), int(self.position[2])
+        history = [row for row in history if row["phase"] != phase.name
+                   or row["epoch"] <= offset + epoch]
+        tracker = PhaseTracker(model, phase.name, phase.learning_rate, history, run_dir,
+                               patience) if chief else None
+        if phase.solver == "lbfgs":
+            log.info(ADAM_INSTEAD, phase.name)
+        log.info("Phase %s: %s trainable weights (%s), %d epochs at learning rate %g, on "
+                 "images, %d steps of %d per epoch over %d workers%s", phase.name,
+                 f"{count_trainable(model):,}",
+                 f"from {phase.unfreeze_from}" if phase.unfreeze_from else "backbone frozen",
+                 phase.epochs, phase.learning_rate, self.feed.steps, self.feed.global_batch,
+                 distribute.worker_count(self.strategy),
+                 f"; resuming at epoch {offset + epoch + 1}, step {step + 1}"
+                 if epoch or step else "")
+        train_step = self.feed.train_step(optimizer)
+        stop = self._chief_says(chief and tracker.finished(offset + phase.epochs))
+        while not stop and epoch < phase.epochs:
+            started = time.time()
+            logs = self._epoch(index, epoch, train_step)
+            if chief:
+                stop = tracker.record(offset + epoch, logs, learning_rate(optimizer))
+                log.info("Epoch %d (%s): %s; %.1f s", offset + epoch + 1, phase.name,
+                         ", ".join(f"{key} {value:.4f}" for key, value in logs.items()),
+                         time.time() - started)
+            stop = self._chief_says(stop)
+            self.manager.save()  # every epoch, on every worker
+            epoch += 1
+        log.info("Phase %s on %s: weights sha256 %s", phase.name, self.where,
+                 _fingerprint(model))
+        if self._chief_says(chief and not (run_dir / BEST_WEIGHTS).is_file()):
+            raise ValueError(f"Training diverged: the validation loss of phase {phase.name} was "
+                             f"never a number. Lower the learning rate ({phase.learning_rate:g}).")
+        return tracker.history if chief else []
+
+    def _epoch(self, index, epoch, train_step):
+        """The rest of one epoch's steps, then validation: the epoch's figures."""
+        import tensorflow as tf
+
+        steps = self.feed.steps
+        progress = keras.utils.Progbar(steps) if self.chief and self.verbose == 1 else None
+        batches = iter(self.feed.train)  # each epoch newly shuffled, as model.fit's
+        for step in range(int(self.position[2]), steps):
+            # The handler saves a checkpoint here when a worker has had SIGTERM, and stops.
+            self.sums.assign_add(self.handler.run(train_step, batches))
+            self.position.assign([index, epoch, step + 1])
+            if progress is not None:
+                progress.update(step + 1, [("loss", float(self.sums[0] / self.sums[2]))])
+        loss, correct, count = self.sums.numpy()
+        logs = {"loss": loss / count, "accuracy": correct / count, **self.feed.validate()}
+        self.position.assign([index, epoch + 1, 0])
+        self.sums.assign(tf.zeros(3, tf.float64))
+        return logs
+
+    def _chief_says(self, flag):
+        return bool(distribute.from_chief(self.strategy, [flag])[0])
+
+
+def _read_state(run_dir):
     return json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else {}
 
 
