@@ -219,10 +219,9 @@ class Loop:
 
         steps = self.feed.steps
         progress = keras.utils.Progbar(steps) if self.chief and self.verbose == 1 else None
-        batches = iter(self.feed.train)  # each epoch newly shuffled, as model.fit's
         for step in range(int(self.position[2]), steps):
             # The handler saves a checkpoint here when a worker has had SIGTERM, and stops.
-            self.sums.assign_add(self.handler.run(train_step, batches))
+            self.sums.assign_add(self.handler.run(train_step, self.feed.train))
             self.position.assign([index, epoch, step + 1])
             if progress is not None:
                 progress.update(step + 1, [("loss", float(self.sums[0] / self.sums[2]))])
@@ -288,7 +287,7 @@ class Feed:
             images = data.batched(data.decoded(shard, size, budget,
                                                scratch / IMAGE_CACHE / "train"),
                                   cfg.batch_size, augmentation, cfg.seed)
-            return images.map(lambda x, y: (x, y, tf.gather(table, y)))
+            return images.map(lambda x, y: (x, y, tf.gather(table, y))).repeat()
 
         def validation(context):
             shard = _shard(val_split, context)
@@ -301,10 +300,12 @@ class Feed:
             mask = np.arange(len(padded)) < len(shard)
             weights = tf.data.Dataset.from_tensor_slices(mask.astype(np.float32))
             return tf.data.Dataset.zip((images, weights.batch(cfg.batch_size))).map(
-                lambda xy, weight: (*xy, weight))
+                lambda xy, weight: (*xy, weight)).repeat()
 
-        self.train = strategy.distribute_datasets_from_function(train)
-        self.validation = strategy.distribute_datasets_from_function(validation)
+        # One pass of a shard is one epoch. Each pipeline repeats, and is read by one iterator
+        # all along: dropping an iterator before its end waits a second for its threads.
+        self.train = iter(strategy.distribute_datasets_from_function(train))
+        self.validation = iter(strategy.distribute_datasets_from_function(validation))
         self.validation_step = self._validation_step()
 
     def train_step(self, optimizer):
@@ -351,8 +352,7 @@ class Feed:
 
     def validate(self):
         """{"val_loss", "val_accuracy"} of the whole validation set, the same on every worker."""
-        iterator = iter(self.validation)
-        loss, correct, count = sum(self.validation_step(iterator).numpy()
+        loss, correct, count = sum(self.validation_step(self.validation).numpy()
                                    for _ in range(self.validation_steps))
         return {"val_loss": loss / count, "val_accuracy": correct / count}
 

@@ -112,7 +112,7 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
     curves, the reports on the test images (test/) and on the validation images, and
     summary.json, which marks the run finished: on the chief alone, while the other workers
     of a multi-worker run wait."""
-    from transfer import distribute
+    from transfer import distribute, multiworker
     from transfer.evaluate import accuracy, evaluate, plot_learning_curves
     from transfer.model import load_model
     from transfer.runs import read_bad_files, tta_flip
@@ -120,8 +120,12 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
 
     started = time.time()
     with strategy.scope(), distribute.restart_on_lost_worker(strategy):
-        history = fit_run(model, cfg, spec, run_dir, classes, splits["train"],
-                          splits["validation"], verbose, jit)
+        if cfg.strategy == "multiworker":
+            history = multiworker.fit_run(model, cfg, spec, run_dir, classes, splits["train"],
+                                          splits["validation"], verbose)
+        else:
+            history = fit_run(model, cfg, spec, run_dir, classes, splits["train"],
+                              splits["validation"], verbose, jit)
     several = distribute.worker_count(strategy) > 1
     if not distribute.is_chief(strategy):
         log.info("Trained; waiting for the chief to write the model and its reports.")

@@ -57,19 +57,14 @@ def build(cfg, spec, num_classes, image_size):
 
 
 def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, jit="auto"):
-    """Fit both phases inside the current tf.distribute strategy's scope and save
-    model.keras; returns the history of every epoch. Several machines train in
-    transfer.multiworker's loop instead of model.fit."""
+    """Fit both phases with model.fit inside the current tf.distribute strategy's scope and
+    save model.keras; returns the history of every epoch. (Several machines train in
+    transfer.multiworker's own loop.)"""
     import tensorflow as tf
 
     from transfer import data
     from transfer.cache import CachedFeeds
 
-    if cfg.strategy == "multiworker":
-        from transfer import multiworker
-
-        return multiworker.fit_run(model, cfg, spec, run_dir, classes, train_split, val_split,
-                                   verbose)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     image_size = model.input_shape[1]
     weights = class_weights(cfg, classes, train_split)
