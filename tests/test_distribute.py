@@ -251,8 +251,8 @@ def test_sigterm_saves_on_every_worker_and_a_restart_continues(cluster):
     cluster.kill(1, signal.SIGTERM)  # the preemption notice, mid-way through epoch 2
     assert cluster.finish() == [RESTART_STATUS, RESTART_STATUS]
     for index in (0, 1):
-        assert re.search(r"Preempted \(SIGTERM\): every worker saved a checkpoint at phase "
-                         r"head, epoch 2, after step \d of 8", cluster.log(index))
+        assert re.search(r"Preempted \(SIGTERM\): every worker saved a checkpoint in phase "
+                         r"head's epoch 2 of 2, after step \d of 8", cluster.log(index))
     run_dir = cluster.run_dir()
     assert (run_dir / "checkpoints" / "checkpoint").is_file()
     assert _history(run_dir) == [(1, "head")]

@@ -96,8 +96,9 @@ def _fit(strategy, chief, model, cfg, spec, run_dir, scratch, classes, train_spl
     def preempted():
         phase, epoch, step = (int(value) for value in position.numpy())
         raise distribute.RestartNeeded(
-            f"Preempted (SIGTERM): every worker saved a checkpoint at phase "
-            f"{phases[phase].name}, epoch {epoch + 1}, after step {step} of {feed.steps}. "
+            f"Preempted (SIGTERM): every worker saved a checkpoint in phase "
+            f"{phases[phase].name}'s epoch {epoch + 1} of {phases[phase].epochs}, after step "
+            f"{step} of {feed.steps}. "
             "Start every worker again with the same command and the run continues there.")
 
     # The chief's manager writes into the run directory, the others' into their scratch.
