@@ -52,7 +52,7 @@ def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose)
     shutil.rmtree(scratch / IMAGE_CACHE, ignore_errors=True)  # left by an interrupted run
     (scratch / IMAGE_CACHE).mkdir()
     try:
-        with decode_failures_reported(run_dir):
+        with decode_failures_reported(run_dir, "every worker's command again"):
             history = _fit(strategy, chief, model, cfg, spec, run_dir, scratch, classes,
                            train_split, val_split, verbose)
         if chief:
@@ -327,16 +327,9 @@ class Feed:
             optimizer.apply(tape.gradient(scaled, trainable), trainable)
             return _sums(losses * weights, probabilities, labels, tf.ones_like(weights))
 
-        @tf.function
-        def run(iterator):
-            return strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                   strategy.run(step, args=next(iterator)), axis=None)
-
-        return run
+        return _compiled(strategy, step)
 
     def _validation_step(self):
-        import tensorflow as tf
-
         model, strategy = self.model, self.strategy
 
         def step(images, labels, weights):
@@ -344,18 +337,26 @@ class Feed:
             losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
             return _sums(losses * weights, probabilities, labels, weights)
 
-        @tf.function
-        def run(iterator):
-            return strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                   strategy.run(step, args=next(iterator)), axis=None)
-
-        return run
+        return _compiled(strategy, step)
 
     def validate(self):
         """{"val_loss", "val_accuracy"} of the whole validation set, the same on every worker."""
         loss, correct, count = sum(self.validation_step(self.validation).numpy()
                                    for _ in range(self.validation_steps))
         return {"val_loss": loss / count, "val_accuracy": correct / count}
+
+
+def _compiled(strategy, step):
+    """A compiled function of an iterator: `step` on each replica's next batch, its results
+    summed over all of them."""
+    import tensorflow as tf
+
+    @tf.function
+    def run(iterator):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM,
+                               strategy.run(step, args=next(iterator)), axis=None)
+
+    return run
 
 
 def _shard(split, context):

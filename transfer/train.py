@@ -104,8 +104,9 @@ def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose,
 
 
 @contextlib.contextmanager
-def decode_failures_reported(run_dir):
-    """An image that no longer decodes (raised inside tf.data) as a ValueError that names it."""
+def decode_failures_reported(run_dir, again=None):
+    """An image that no longer decodes (raised inside tf.data) as a ValueError that names it
+    and says how to continue (`again`: the command; by default --resume of run_dir)."""
     import tensorflow as tf
 
     from transfer.data import DECODE_FAILURE
@@ -117,9 +118,9 @@ def decode_failures_reported(run_dir):
                     None)
         if line is None:
             raise
+        again = again or f"python -m transfer train --resume {run_dir}"
         raise ValueError(f"{line.split('ValueError: ', 1)[-1].strip()} Restore it and continue "
-                         f"with: python -m transfer train --resume {run_dir}; or remove it and "
-                         "train again.") from None
+                         f"with: {again}; or remove it and train again.") from None
 
 
 def class_weights(cfg, classes, train_split):
