@@ -113,6 +113,7 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
     summary.json, which marks the run finished: on the chief alone, while the other workers
     of a multi-worker run wait."""
     from transfer import distribute, multiworker
+    from transfer.board import Board
     from transfer.evaluate import accuracy, evaluate, plot_learning_curves
     from transfer.model import load_model
     from transfer.runs import read_bad_files, tta_flip
@@ -151,6 +152,9 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
     elif test:
         test_accuracy = accuracy(model, test.paths, test.labels, flips)
     write_summary(run_dir, history, seconds, test_accuracy)
+    Board(run_dir).images({"learning_curves": run_dir / "learning_curves.png",
+                           "confusion_matrix": run_dir / "confusion_matrix.png"},
+                          step=history[-1]["epoch"])
     if several:  # the other workers wait for this
         distribute.from_chief(strategy, [0])
     return run_dir

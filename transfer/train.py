@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from transfer.board import Board
 from transfer.files import atomic_path, write_json, write_npz
 from transfer.runs import read_history, write_history
 
@@ -254,7 +255,8 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
 
 
 class PhaseTracker(keras.callbacks.Callback):
-    """History rows, best weights on disk and early stopping for one phase, all resumable.
+    """History rows (also in TensorBoard), best weights on disk and early stopping for one
+    phase, all resumable.
 
     The best weights saved are the classifier's, whichever model (sharing its layers) is fit.
     """
@@ -265,6 +267,7 @@ class PhaseTracker(keras.callbacks.Callback):
         self.phase, self.learning_rate = phase, learning_rate
         self.stepped = False  # True once model.fit drives this tracker (not a solved head)
         self.history, self.run_dir, self.patience = list(history), run_dir, patience
+        self.board = Board(run_dir)
         self.best_loss = min((row["val_loss"] for row in history), default=math.inf)
         losses = [row["val_loss"] for row in history if row["phase"] == phase]
         self.phase_best = min(losses, default=math.inf)
@@ -288,8 +291,10 @@ class PhaseTracker(keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "phase": self.phase,
                **{key: float(value) for key, value in (logs or {}).items()},
                "learning_rate": rate}
+        first = not any(earlier["phase"] == self.phase for earlier in self.history)
         self.history.append(row)
         write_history(self.run_dir / "history.csv", self.history)
+        self.board.epoch(row, first)
         if row["val_loss"] < self.best_loss:
             self.best_loss = row["val_loss"]
             save_weights(self.classifier, self.run_dir / BEST_WEIGHTS)
