@@ -21,7 +21,7 @@ TRAIN_FLAGS := $(if $(and $(CONFIG),$(filter file,$(origin DATA))),,--data "$(DA
 	$(if $(BACKBONE),--backbone $(BACKBONE)) $(if $(CONFIG),--config "$(CONFIG)") \
 	$(if $(RESUME),--resume) $(ARGS)
 
-.PHONY: install train check export serve predict backbones test clean-venv
+.PHONY: install install-mlflow train check export serve predict backbones test clean-venv
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -e '.[test]'
 	touch $@
+
+# MLflow, an optional extra (transfer train --mlflow); CI installs it for its tests.
+install-mlflow: install
+	$(PY) -m pip install --quiet -e '.[test,mlflow]'
 
 train: install
 	$(TRANSFER) train $(TRAIN_FLAGS)

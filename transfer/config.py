@@ -92,6 +92,8 @@ class TrainConfig:
     runs_dir: str = setting("runs", "where run directories go")
     evaluate: bool = setting(True, "write the evaluation report (report.html, metrics.json) on "
                                    "the validation images at the end")
+    mlflow: bool = setting(False, "log the finished run to MLflow (pip install '.[mlflow]'), "
+                                  "as also whenever MLFLOW_TRACKING_URI is set")
     strategy: str = setting("auto", "tf.distribute strategy (auto: mirrored on more than one "
                                     "GPU; multiworker: the machines TF_CONFIG or Slurm "
                                     "describes)", STRATEGIES)

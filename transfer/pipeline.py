@@ -112,7 +112,7 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
     curves, the reports on the test images (test/) and on the validation images, and
     summary.json, which marks the run finished: on the chief alone, while the other workers
     of a multi-worker run wait."""
-    from transfer import distribute, multiworker
+    from transfer import distribute, multiworker, tracking
     from transfer.board import Board
     from transfer.evaluate import accuracy, evaluate, plot_learning_curves
     from transfer.model import load_model
@@ -155,6 +155,8 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
     Board(run_dir).images({"learning_curves": run_dir / "learning_curves.png",
                            "confusion_matrix": run_dir / "confusion_matrix.png"},
                           step=history[-1]["epoch"])
+    if tracking.wanted(cfg):
+        tracking.log_run(run_dir)
     if several:  # the other workers wait for this
         distribute.from_chief(strategy, [0])
     return run_dir
@@ -227,7 +229,7 @@ def export_run(run_dir, name=None, output="saved_models", formats=(), eval_image
     Returns (the version folder, the formats' reports or None); a format that misses its bar
     is kept, and its report (formats.json) says so.
     """
-    from transfer import calibrate
+    from transfer import calibrate, tracking
     from transfer.data import dataset_name
     from transfer.export import export_savedmodel
     from transfer.model import load_model
@@ -256,6 +258,7 @@ def export_run(run_dir, name=None, output="saved_models", formats=(), eval_image
     run_config = run_config | {"calibration": calibration.to_dict()}
     target = export_savedmodel(model, classes, Path(output) / name, calibration, flips,
                                sample_images=check_images[:8], config=run_config)
+    tracking.log_export(run_dir, target)
     if not formats:
         return target, None
     from transfer import formats as conversions
