@@ -30,6 +30,7 @@ def test_a_run_and_its_export_are_logged_to_mlflow(dataset, tmp_path, monkeypatc
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # which also turns it on
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps its artifacts in ./mlruns
     run_dir = train(_config(dataset, tmp_path), verbose=0)
     record = json.loads((run_dir / "mlflow.json").read_text())
 
