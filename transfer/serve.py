@@ -680,6 +680,13 @@ def build_app(server, max_body_bytes=32 * 2**20, read_timeout=30.0):
                                                "server's log has the details"}, status=500)
 
     routes = web.RouteTableDef()
+
+    @routes.get("/")
+    async def page(request):  # try the model in a browser (transfer.demo)
+        from transfer import demo
+
+        return web.Response(text=demo.render(server), content_type="text/html")
+
     model = "/v1/models/{name:[^/:]+}"
     version = "/versions/{version:[^/:]+}"
 
