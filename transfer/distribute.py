@@ -117,12 +117,12 @@ def is_chief(strategy):
     """Whether this process writes the run: the only one, or the cluster's chief (its
     "chief" task, else worker 0)."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not spec:
         return True
-    from tensorflow.python.distribute import multi_worker_util
-
-    return multi_worker_util.is_chief(resolver.cluster_spec(), resolver.task_type,
-                                      resolver.task_id)
+    if "chief" in spec:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
 
 
 def worker_count(strategy):

@@ -69,7 +69,7 @@ def log_run(run_dir):
     except Exception as error:  # noqa: BLE001  whatever the store raises, the run is kept
         log.warning("Warning: MLflow could not log this run to %s (%s: %s); the run is "
                     "finished and kept in %s.", mlflow.get_tracking_uri(),
-                    type(error).__name__, str(error).splitlines()[0][:200], run_dir)
+                    type(error).__name__, _first_line(error), run_dir)
         return
     from transfer.files import write_json
 
@@ -93,9 +93,13 @@ def log_export(run_dir, version_dir):
     except Exception as error:  # noqa: BLE001  the export itself is done and kept
         log.warning("Warning: MLflow could not add the export to run %s at %s (%s: %s).",
                     record["run_id"], record["tracking_uri"], type(error).__name__,
-                    str(error).splitlines()[0][:200])
+                    _first_line(error))
         return
     log.info("MLflow: export %s added to run %s", version_dir, record["run_id"])
+
+
+def _first_line(error):
+    return (str(error).splitlines() or [""])[0][:200]
 
 
 def _mlflow():
