@@ -13,8 +13,9 @@ confusion matrix as images.
 
 from pathlib import Path
 
+from transfer.config import PHASES
+
 BOARD = "tensorboard"
-PHASES = ("head", "fine_tune")
 
 
 class Board:

@@ -13,6 +13,7 @@ CLASS_WEIGHT_MODES = ("auto", "balanced", "none")
 HEAD_SOLVERS = ("lbfgs", "adam")
 SCHEDULES = ("cosine", "constant")
 WEIGHT_CHOICES = "imagenet | none | PATH to a weights file"
+PHASES = ("head", "fine_tune")  # the phases' names, in order: history.csv's, state.json's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +112,10 @@ class TrainConfig:
     def phases(self, spec):
         """Phase 1 on the frozen backbone, then phase 2 from the backbone's (a BackboneSpec)
         cut at its rate, or as set, unless it has 0 epochs."""
-        phases = [Phase("head", self.epochs, self.learning_rate, None, self.head,
+        phases = [Phase(PHASES[0], self.epochs, self.learning_rate, None, self.head,
                         self.schedule, self.ema)]
         if self.fine_tune_epochs > 0:
-            phases.append(Phase("fine_tune", self.fine_tune_epochs,
+            phases.append(Phase(PHASES[1], self.fine_tune_epochs,
                                 self.fine_tune_learning_rate or spec.fine_tune_learning_rate,
                                 self.fine_tune_from or spec.cut,
                                 schedule=self.schedule, ema=self.ema))

@@ -17,7 +17,6 @@ on storage that every worker sees at the same path.
 """
 
 import hashlib
-import json
 import logging
 import math
 import shutil
@@ -33,7 +32,7 @@ from transfer.files import atomic_path, write_json
 from transfer.runs import read_history
 from transfer.train import (ADAM_INSTEAD, BEST_WEIGHTS, IMAGE_CACHE, STATE, PhaseTracker,
                             class_weights, decode_failures_reported, learning_rate,
-                            load_weights, phase_optimizer, scaled_phases)
+                            load_weights, phase_optimizer, read_state, scaled_phases)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def _fit(strategy, chief, model, cfg, spec, run_dir, scratch, classes, train_spl
         termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=preempted))
     loop = Loop(strategy, chief, model, feed, run_dir, position, sums, manager, handler,
                 verbose)
-    state = _read_state(run_dir) if chief else {}
+    state = read_state(run_dir) if chief else {}
     completed, timings = state.get("completed", []), state.get("phases", {})
     start = loop.agreed_start(len(completed))
     history = read_history(run_dir / "history.csv") if chief else []
@@ -236,15 +235,11 @@ class Loop:
         return bool(distribute.from_chief(self.strategy, [flag])[0])
 
 
-def _read_state(run_dir):
-    return json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else {}
-
-
 def _weights_from_chief(strategy, model):
     """Every worker's model set to the chief's weights."""
+    weights = model.get_weights()
     model.set_weights([value.astype(weight.dtype) for value, weight in
-                       zip(distribute.from_chief(strategy, model.get_weights()),
-                           model.get_weights())])
+                       zip(distribute.from_chief(strategy, weights), weights)])
 
 
 def _fingerprint(model):

@@ -11,7 +11,6 @@ run. A store that cannot be reached or written is a warning: the run itself is f
 kept either way.
 """
 
-import csv
 import json
 import logging
 import os
@@ -19,11 +18,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from transfer.config import PHASES
+from transfer.runs import read_history
+
 log = logging.getLogger(__name__)
 
 RECORD = "mlflow.json"  # in the run directory: where its MLflow run is
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
-PHASES = ("head", "fine_tune")
 ARTIFACTS = ("model.keras", "config.json", "classes.json", "history.csv", "summary.json",
              "split.csv", "calibration.json", "metrics.json", "report.html")
 REACH_TIMEOUT = 5  # seconds to wait for an HTTP tracking server before giving up on it
@@ -42,17 +43,15 @@ def log_run(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     settings = json.loads((run_dir / "config.json").read_text())
     data_name = settings["data_name"]
-    with open(run_dir / "history.csv", newline="", encoding="utf-8") as handle:
-        history = list(csv.DictReader(handle))
+    history = read_history(run_dir / "history.csv")
     try:
         mlflow.set_experiment(data_name)
         with mlflow.start_run(run_name=run_dir.name) as active:
             mlflow.set_tag("run_dir", str(run_dir.resolve()))
             mlflow.log_params({key: str(value) for key, value in settings.items()})
             for row in history:
-                mlflow.log_metrics({key: float(row[key]) for key in METRICS}
-                                   | {"phase": PHASES.index(row["phase"])},
-                                   step=int(row["epoch"]))
+                mlflow.log_metrics({key: row[key] for key in METRICS}
+                                   | {"phase": PHASES.index(row["phase"])}, step=row["epoch"])
             mlflow.log_metrics({f"best_{key}": summary[key]
                                 for key in ("val_accuracy", "val_loss")}
                                | ({"test_accuracy": summary["test_accuracy"]}

@@ -124,6 +124,11 @@ def decode_failures_reported(run_dir, again=None):
                          f"with: {again}; or remove it and train again.") from None
 
 
+def read_state(run_dir):
+    """state.json: the phases finished and their timings ({} before the first finishes)."""
+    return json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else {}
+
+
 def class_weights(cfg, classes, train_split):
     """{label: weight} for the loss as cfg.class_weights says (empty: unweighted), logged."""
     from transfer import data
@@ -181,7 +186,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
 
     run_dir = Path(run_dir)
     history = read_history(run_dir / "history.csv")
-    state = json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() else {}
+    state = read_state(run_dir)
     completed = state.get("completed", [])
     timings = state.get("phases", {})
     offset = 0
