@@ -18,6 +18,13 @@ threshold, chosen on the validation images so that a `keep` share of them stays 
 threshold is chosen on cross-fitted scores: each half of them scored by statistics fitted on
 the other half, as new images would be.
 
+A multi-label model (one sigmoid per label) is calibrated the same way, its temperature fitted
+on the binary cross-entropy of every image's every label, and scored by the joint energy,
+the sum of softplus(logit) over the labels (Wang et al. 2021, "Can multi-label
+classification networks know what they don't know?"). Each label also gets its decision
+threshold: the one that maximises the label's F1 on the validation images, 0.5 for a label
+they never carry.
+
 Pure NumPy and SciPy: the graph versions of the same formulas are in transfer.layers.
 """
 
@@ -33,9 +40,12 @@ from transfer.files import write_json, write_npz
 CALIBRATION = "calibration.json"  # in the run directory
 STATISTICS = "calibration.npz"  # beside it: the Mahalanobis score's class means and whitening
 ECE_BINS = 15
-LOGIT_SCORES = ("energy", "max_probability")
-SCORES = ("mahalanobis", *LOGIT_SCORES)
+LOGIT_SCORES = ("energy", "max_probability", "joint_energy")
+SCORES = ("mahalanobis", "energy", "max_probability")  # of a single-label model
+MULTI_LABEL_SCORES = ("joint_energy", "max_probability")
 SCORE = "mahalanobis"
+MULTI_LABEL_SCORE = "joint_energy"
+DEFAULT_THRESHOLD = 0.5  # a label's decision threshold where the validation images lack it
 FALLBACK_SCORE = "energy"  # where there are too few validation images per class for SCORE
 EIGENVALUE_FLOOR = 1e-6  # of the mean eigenvalue: the Mahalanobis covariance's smallest
 TEMPERATURE_RANGE = (1e-2, 1e2)
@@ -49,6 +59,9 @@ class Calibration:
     means [C, D] and whitening [D, D] (None unless score is "mahalanobis"): the class means of
     the pooled features and a W with W W^T the inverse of their shared covariance, so that an
     image's squared distance to class c is |(features - means[c]) W|^2.
+
+    multi_label: the probabilities are sigmoid(logits / temperature), each label decided by
+    its own threshold of `thresholds` [C] (None: 0.5 for all).
     """
 
     temperature: float = 1.0
@@ -57,6 +70,8 @@ class Calibration:
     keep: float | None = None  # the share of validation images the threshold keeps
     means: np.ndarray | None = None
     whitening: np.ndarray | None = None
+    multi_label: bool = False
+    thresholds: tuple | None = None
 
     def __eq__(self, other):
         return (isinstance(other, Calibration) and self.to_dict() == other.to_dict()
@@ -66,16 +81,29 @@ class Calibration:
 
     def to_dict(self):
         """The JSON part: everything but the arrays, which write() stores beside it."""
-        return {"temperature": self.temperature, "score": self.score,
-                "threshold": None if math.isinf(self.threshold) else self.threshold,
-                "keep": self.keep}
+        values = {"temperature": self.temperature, "score": self.score,
+                  "threshold": None if math.isinf(self.threshold) else self.threshold,
+                  "keep": self.keep}
+        if self.multi_label:
+            values |= {"multi_label": True, "thresholds": None if self.thresholds is None
+                       else [float(t) for t in self.thresholds]}
+        return values
+
+    def decision_thresholds(self, labels):
+        """The decision threshold of each of `labels` labels [C] (multi-label models)."""
+        if self.thresholds is None:
+            return np.full(labels, DEFAULT_THRESHOLD, dtype=np.float32)
+        return np.asarray(self.thresholds, dtype=np.float32)
 
     @classmethod
     def from_dict(cls, values, arrays=None):
         threshold, arrays = values.get("threshold"), arrays or {}
+        thresholds = values.get("thresholds")
         return cls(float(values["temperature"]), values.get("score", FALLBACK_SCORE),
                    -math.inf if threshold is None else float(threshold), values.get("keep"),
-                   arrays.get("means"), arrays.get("whitening"))
+                   arrays.get("means"), arrays.get("whitening"),
+                   bool(values.get("multi_label", False)),
+                   None if thresholds is None else tuple(float(t) for t in thresholds))
 
 
 def read(run_dir):
@@ -111,9 +139,23 @@ def softmax(logits, temperature=1.0):
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def sigmoid(logits, temperature=1.0):
+    return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+
+
+def probabilities_of(logits, multi_label, temperature=1.0):
+    """softmax(logits / T), or for a multi-label model the sigmoids."""
+    return sigmoid(logits, temperature) if multi_label else softmax(logits, temperature)
+
+
 def log_loss(logits, labels, temperature=1.0):
-    """Mean negative log-likelihood of the true labels under softmax(logits / T)."""
+    """Mean negative log-likelihood of the true labels under softmax(logits / T); for
+    multi-hot labels [N, C], the binary cross-entropy of sigmoid(logits / T) averaged over
+    every image's every label (as Keras's binary_crossentropy)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
+    if np.ndim(labels) == 2:
+        y = np.asarray(labels, dtype=np.float64)
+        return float((np.logaddexp(0, z) - y * z).mean())  # -y log s(z) - (1-y) log(1-s(z))
     top = z.max(axis=1, keepdims=True)
     log_norm = (top + np.log(np.exp(z - top).sum(axis=1, keepdims=True)))[:, 0]
     return float((log_norm - z[np.arange(len(z)), np.asarray(labels)]).mean())
@@ -130,12 +172,18 @@ def fit_temperature(logits, labels):
 
 
 def reliability(probabilities, labels, bins=ECE_BINS):
-    """Per equal-width confidence bin: [low, high, images, mean confidence, accuracy]."""
+    """Per equal-width confidence bin: [low, high, images, mean confidence, accuracy]. With
+    multi-hot labels [N, C] every label's probability is one prediction, and "accuracy" the
+    share of them whose label the image carries."""
     probabilities = np.asarray(probabilities)
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    if np.ndim(labels) == 2:
+        confidence = probabilities.ravel()
+        correct = np.asarray(labels).ravel() > 0
+    else:
+        confidence = probabilities.max(axis=1)
+        correct = probabilities.argmax(axis=1) == np.asarray(labels)
     edges = np.linspace(0, 1, bins + 1)
-    # (low, high] as Guo et al. bin them; a confidence of exactly 0 cannot occur (>= 1/C).
+    # (low, high] as Guo et al. bin them; a confidence of exactly 0 goes in the first bin.
     which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
     rows = []
     for b in range(bins):
@@ -149,22 +197,24 @@ def reliability(probabilities, labels, bins=ECE_BINS):
 
 def expected_calibration_error(probabilities, labels, bins=ECE_BINS):
     """ECE: the images-weighted mean |accuracy - confidence| over the confidence bins."""
-    total = len(labels)
+    total = np.size(labels) if np.ndim(labels) == 2 else len(labels)
     return float(sum(count * abs(accuracy - confidence)
                      for _, _, count, confidence, accuracy in reliability(probabilities, labels,
                                                                           bins)
                      if count) / total)
 
 
-def scores(logits, temperature=1.0, kind=FALLBACK_SCORE):
+def scores(logits, temperature=1.0, kind=FALLBACK_SCORE, multi_label=False):
     """In-class scores [N] of one of LOGIT_SCORES, higher for images more like the training
     classes."""
     if kind == "max_probability":
-        return softmax(logits, temperature).max(axis=1)
+        return probabilities_of(logits, multi_label, temperature).max(axis=1)
     if kind == "energy":
         z = np.asarray(logits, dtype=np.float64)
         top = z.max(axis=1)
         return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+    if kind == "joint_energy":
+        return np.logaddexp(0, np.asarray(logits, dtype=np.float64)).sum(axis=1)
     raise ValueError(f"The score must be one of {', '.join(LOGIT_SCORES)} (from logits); "
                      f"received {kind!r}.")
 
@@ -200,7 +250,8 @@ def score_of(calibration, outputs, kind=None):
     outputs with raw=True ("logits", and "features" for the Mahalanobis score)."""
     kind = kind or calibration.score
     if kind != "mahalanobis":
-        return scores(outputs["logits"], calibration.temperature, kind)
+        return scores(outputs["logits"], calibration.temperature, kind,
+                      calibration.multi_label)
     if calibration.means is None:
         raise ValueError("The Mahalanobis score needs the class means and whitening of a "
                          "calibrated run (calibration.npz); this calibration has none.")
@@ -209,7 +260,9 @@ def score_of(calibration, outputs, kind=None):
 
 def available_scores(calibration):
     """The kinds of SCORES this calibration can compute: the Mahalanobis score only with its
-    statistics."""
+    statistics; a multi-label model's MULTI_LABEL_SCORES."""
+    if calibration.multi_label:
+        return MULTI_LABEL_SCORES
     return tuple(kind for kind in SCORES if kind != "mahalanobis" or calibration.means is not None)
 
 
@@ -219,7 +272,8 @@ def apply(calibration, outputs):
     computes in the graph, here in NumPy."""
     logits = np.asarray(outputs["logits"])
     return {**outputs, "logits": logits,
-            "probabilities": softmax(logits, calibration.temperature).astype(np.float32),
+            "probabilities": probabilities_of(logits, calibration.multi_label,
+                                              calibration.temperature).astype(np.float32),
             "score": score_of(calibration, outputs)}
 
 
@@ -259,20 +313,46 @@ def halves(labels):
     return fold
 
 
+def f1_thresholds(probabilities, labels):
+    """[C] thresholds, each maximising its label's F1 on these images (predicted where the
+    probability is at or above it): halfway between the lowest probability predicted and the
+    next lower one. DEFAULT_THRESHOLD for a label no image carries."""
+    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels) > 0
+    thresholds = np.full(probabilities.shape[1], DEFAULT_THRESHOLD)
+    for c in range(probabilities.shape[1]):
+        positives = int(labels[:, c].sum())
+        if not positives:
+            continue
+        order = np.argsort(-probabilities[:, c], kind="stable")
+        p, hits = probabilities[order, c], np.cumsum(labels[order, c])
+        cuts = np.flatnonzero(np.append(p[:-1] > p[1:], True))  # predict order[:k + 1]
+        f1 = 2 * hits[cuts] / (cuts + 1 + positives)
+        k = cuts[int(np.argmax(f1))]
+        thresholds[c] = (p[k] + p[k + 1]) / 2 if k + 1 < len(p) else p[k] / 2
+    return thresholds
+
+
 def calibrate(outputs, labels, keep, kind=SCORE):
     """(Calibration, figures for metrics.json) from the validation images' uncalibrated
-    outputs (model.scored's with raw=True: "logits", "features") and labels.
+    outputs (model.scored's with raw=True: "logits", "features") and labels (multi-hot
+    [N, C] for a multi-label model: scored by MULTI_LABEL_SCORE, thresholds by F1).
 
     The Mahalanobis score needs two validation images of every class, one per half; with
     fewer it falls back to FALLBACK_SCORE and the figures say why ("score_fallback")."""
     logits, labels = np.asarray(outputs["logits"]), np.asarray(labels)
-    classes = logits.shape[1]
+    classes, multi = logits.shape[1], labels.ndim == 2
     temperature = fit_temperature(logits, labels)
     figures = {"temperature": temperature,
                "nll_before": log_loss(logits, labels), "nll_after": log_loss(logits, labels,
                                                                             temperature),
-               "ece_before": expected_calibration_error(softmax(logits), labels),
-               "ece_after": expected_calibration_error(softmax(logits, temperature), labels)}
+               "ece_before": expected_calibration_error(probabilities_of(logits, multi), labels),
+               "ece_after": expected_calibration_error(
+                   probabilities_of(logits, multi, temperature), labels)}
+    if multi:
+        thresholds = f1_thresholds(sigmoid(logits, temperature), labels)
+        threshold = threshold_keeping(scores(logits, temperature, MULTI_LABEL_SCORE), keep)
+        return Calibration(temperature, MULTI_LABEL_SCORE, threshold, keep, multi_label=True,
+                           thresholds=tuple(float(t) for t in thresholds)), figures
     counts = np.bincount(labels, minlength=classes)
     if kind == "mahalanobis" and counts.min() < 2:
         figures["score_fallback"] = (f"{FALLBACK_SCORE}, not mahalanobis: class "

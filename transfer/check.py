@@ -232,13 +232,19 @@ class SplitReport:
     """One split of a data set after checking: usable files per class and what was set aside."""
 
     name: str
-    good: dict  # class -> [path]
+    good: dict  # class -> [path]; of a multi-label layout, a file under each of its labels
     bad: list  # (path, reason)
     skipped: list  # paths
     folder: Path | None = None  # where its files are, for messages
+    unlabelled: list = dataclasses.field(default_factory=list)  # multi-label: of no label
 
     def counts(self):
         return {name: len(paths) for name, paths in self.good.items()}
+
+    def images(self):
+        """How many usable images the split has (each once, however many labels it has)."""
+        return len({path for paths in self.good.values() for path in paths}
+                   | set(self.unlabelled))
 
 
 def check_split(name, split_dir, classes, cache_file=None, require_all=True):
@@ -247,12 +253,14 @@ def check_split(name, split_dir, classes, cache_file=None, require_all=True):
 
 
 def _checked(name, split_dir, listings, cache_file, require_all):
-    candidates = [path for listing in listings.values() for path in listing.images]
+    # A multi-label file is listed under each of its labels: decoded and reported once.
+    candidates = list(dict.fromkeys(path for listing in listings.values()
+                                    for path in listing.images))
     results = check_files(candidates, cache_file)
     good = {cls: [p for p in listing.images if results[p] is None]
             for cls, listing in listings.items() if cls is not None}
-    bad = [(p, results[p]) for listing in listings.values() for p in listing.images
-           if results[p] is not None]
+    unlabelled = [p for p in listings.get(None, Listing()).images if results[p] is None]
+    bad = [(p, results[p]) for p in candidates if results[p] is not None]
     bad += [problem for listing in listings.values() for problem in listing.problems]
     skipped = [p for listing in listings.values() for p in listing.skipped]
     if require_all:
@@ -265,7 +273,7 @@ def _checked(name, split_dir, listings, cache_file, require_all):
                 raise ValueError(f"Class {cls!r} in {split_dir} has no readable images: all "
                                  f"{len(listings[cls].images)} failed to decode. See "
                                  "`python -m transfer check`.")
-    return SplitReport(name, good, bad, skipped, Path(split_dir))
+    return SplitReport(name, good, bad, skipped, Path(split_dir), unlabelled)
 
 
 def summary_line(data_name, classes, reports, layout=None):
@@ -274,7 +282,8 @@ def summary_line(data_name, classes, reports, layout=None):
     parts = []
     for report in reports:
         counts = ", ".join(f"{cls} {n}" for cls, n in report.counts().items())
-        parts.append(f"{report.name} {sum(report.counts().values())} ({counts})")
+        none = f", no label {len(report.unlabelled)}" if report.unlabelled else ""
+        parts.append(f"{report.name} {report.images()} ({counts}{none})")
     bad = [reason.split(":")[0] for report in reports for _, reason in report.bad]  # the kind
     reasons = ", ".join(f"{n} {reason}" for reason, n in collections.Counter(bad).most_common())
     skipped = sum(len(report.skipped) for report in reports)

@@ -71,7 +71,7 @@ def build_parser():
     check.set_defaults(command=cmd_check)
     check.add_argument("data", nargs="?", help="data set name or folder (with --labels: "
                                                "where a relative label file is looked for)")
-    add_settings(check, ("labels", "label_pattern"))
+    add_settings(check, ("labels", "label_pattern", "multi_label"))
     check.add_argument("--quarantine", metavar="DIR",
                        help="move the files that fail into DIR (kept, never deleted)")
 
@@ -235,7 +235,8 @@ def cmd_check(args):
         raise ValueError(f"--quarantine {args.quarantine} is a file; expected a folder to move "
                          "the files that fail into.")
     data_name, data_dir, labels = layouts.resolve(args.data, args.labels)
-    layout, reports = layouts.check_dataset(data_dir, labels, args.label_pattern)
+    layout, reports = layouts.check_dataset(data_dir, labels, args.label_pattern,
+                                            args.multi_label)
     bad = [item for report in reports for item in report.bad]
     for path, reason in bad:  # one line each, whatever the file's name holds
         print(f"{check.printable(path)}\t{check.printable(reason)}")

@@ -46,6 +46,10 @@ class TrainConfig:
     backbone: str = setting("mobilenetv2", "backbone name; see `transfer backbones`")
     labels: str | None = setting(None, "a .csv or .tsv label file (header path,label and "
                                        "optionally split), paths relative to its folder")
+    multi_label: bool | None = setting(None, "each image may carry several labels (a label "
+                                             "file's cells, separated by spaces or ';'): a "
+                                             "sigmoid per label (default: on when any cell "
+                                             "holds several)")
     label_pattern: str | None = setting(None, "a regular expression whose first group, "
                                               r"found in a file's name, is its class "
                                               r"(e.g. '^(.*)_\d+\.\w+$')")
@@ -157,6 +161,10 @@ class TrainConfig:
             raise ValueError(f"{_option('ema')} averages weights through model.fit, which "
                              "several machines train without; with --strategy multiworker "
                              f"leave it at 0; received {self.ema}.")
+        if self.multi_label and self.strategy == "multiworker":
+            raise ValueError(f"{_option('multi_label')} is not yet trained on several machines: "
+                             "the multi-worker loop computes a softmax loss. Train it on one "
+                             "machine (--strategy auto).")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"{_option('dropout')} must be in [0, 1); received {self.dropout}.")
         if not 0 < self.validation_split < 1:

@@ -66,7 +66,8 @@ KNOWN_DATASETS = {
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Image files and their integer labels (indices into the class names)."""
+    """Image files and their integer labels (indices into the class names); for a
+    multi-label data set, each label a multi-hot row (a 0/1 per class)."""
 
     paths: tuple
     labels: tuple
@@ -192,29 +193,78 @@ def stratified_split(split, fraction, seed, part="validation"):
     return Split(tuple(train_paths), tuple(train_labels)), Split(tuple(val_paths), tuple(val_labels))
 
 
-def as_split(report, classes):
+def iterative_split(split, fraction, seed, part="validation"):
+    """Seeded (rest, part) split of a multi-label Split by iterative stratification
+    (Sechidis et al. 2011, "On the Stratification of Multi-label Data"): the label with the
+    fewest images left is dealt out first, each of its images to the side that most lacks it,
+    except that a side still without the label gets the next one, so that a label of two or
+    more images is on both sides. Images of no label fill the sides to their sizes."""
+    carries = np.asarray(split.labels, dtype=bool).reshape(len(split), -1)
+    rng = np.random.default_rng(seed)
+    share = np.array([1 - fraction, fraction])
+    wanted = share * len(split)  # images each side still wants
+    wanted_label = np.outer(share, carries.sum(axis=0))  # per side and label
+    have = np.zeros_like(wanted_label)
+    side = np.full(len(split), -1)
+    while (side < 0).any():
+        left = carries[side < 0].sum(axis=0)
+        if left.any():
+            label = min(np.flatnonzero(left), key=lambda c: left[c])
+            todo = np.flatnonzero((side < 0) & carries[:, label])
+        else:
+            label, todo = None, np.flatnonzero(side < 0)
+        for image in rng.permutation(todo):
+            if label is None:
+                need = wanted
+            elif (have[:, label] == 0).any() and have[:, label].any():
+                need = (have[:, label] == 0).astype(float)
+            else:
+                need = wanted_label[:, label] + 1e-9 * wanted  # ties: the side wanting more
+            choice = rng.choice(np.flatnonzero(need == need.max()))
+            side[image] = choice
+            wanted[choice] -= 1
+            wanted_label[choice] -= carries[image]
+            have[choice] += carries[image]
+    rest, chosen = np.flatnonzero(side == 0), np.flatnonzero(side == 1)
+    if not len(rest) or not len(chosen):
+        raise ValueError(f"There are too few images ({len(split)}) for a {part} split of "
+                         f"{fraction:g}. Add images, change --{part}-split, or give the {part} "
+                         "images a split column in the label file.")
+    return tuple(Split(tuple(split.paths[i] for i in picked),
+                       tuple(split.labels[i] for i in picked)) for picked in (rest, chosen))
+
+
+def as_split(report, classes, multi_label=False):
     """A check.SplitReport's usable files as a Split, by absolute path (so that a run can be
-    resumed from any folder), sorted within each class: the same files, however listed (a
-    label file's rows, folders), are split the same way."""
+    resumed from any folder), sorted within each class (multi-label: sorted, each with its
+    multi-hot row): the same files, however listed (a label file's rows, folders), are split
+    the same way."""
+    if multi_label:
+        carried = {cls: {os.path.abspath(p) for p in report.good[cls]} for cls in classes}
+        paths = sorted(set().union(*carried.values(),
+                                   (os.path.abspath(p) for p in report.unlabelled)))
+        return Split(tuple(paths), tuple(tuple(int(path in carried[cls]) for cls in classes)
+                                         for path in paths))
     pairs = [(path, label) for label, cls in enumerate(classes)
              for path in sorted(os.path.abspath(p) for p in report.good[cls])]
     return Split(tuple(p for p, _ in pairs), tuple(label for _, label in pairs))
 
 
-def assign_splits(reports, classes, validation_split, test_split, seed):
+def assign_splits(reports, classes, validation_split, test_split, seed, multi_label=False):
     """{"train", "validation" and, when there is one, "test": Split} from checked splits.
 
     The splits the layout gives are kept; the rest are carved from the training images,
-    seeded and stratified: the test images first (`test_split` of them), so that nothing
-    chosen on validation images ever sees them, then `validation_split` of all the images.
+    seeded and stratified (multi-label: iteratively, iterative_split): the test images first
+    (`test_split` of them), so that nothing chosen on validation images ever sees them, then
+    `validation_split` of all the images.
     """
     given = {report.name: report for report in reports}
     pool = given.get("train") or next(iter(given.values()))
     where = "train/" if pool.name == "train" else "the data set"
-    splits = {"train": as_split(pool, classes)}
+    splits = {"train": as_split(pool, classes, multi_label)}
     for name in ("validation", "test"):
         if name in given:
-            splits[name] = as_split(given[name], classes)
+            splits[name] = as_split(given[name], classes, multi_label)
             if not splits[name]:
                 raise ValueError(f"{given[name].folder} holds no usable images; add some, or "
                                  f"remove the folder to take the {name} images from {where} "
@@ -223,21 +273,44 @@ def assign_splits(reports, classes, validation_split, test_split, seed):
         raise ValueError(f"The data set gives its test images; drop --test-split "
                          f"{test_split:g}, or remove its test split.")
     single = [cls for cls, count in pool.counts().items() if count < 2]
-    if single and ("validation" not in splits or (test_split and "test" not in splits)):
+    carve = iterative_split if multi_label else stratified_split
+    if single and multi_label:  # the image carries other labels: kept, with a warning
+        log.warning("Warning: label(s) %s are on one image of %s: too few to be both trained "
+                    "and validated on; such a label keeps the decision threshold 0.5. Add "
+                    "images carrying it.", ", ".join(single), where)
+    elif single and ("validation" not in splits or (test_split and "test" not in splits)):
         raise ValueError(f"Class(es) {', '.join(single)} have one image in {where}, too few "
                          "to be both trained and validated on; add images, or add a "
                          "validation/<class>/ folder.")
     if "test" not in splits and test_split:
-        splits["train"], splits["test"] = stratified_split(splits["train"], test_split, seed,
-                                                           "test")
+        splits["train"], splits["test"] = carve(splits["train"], test_split, seed, "test")
         log.info("A seeded stratified %.0f%% of %s is the test set (%d images), never trained "
                  "or chosen on", 100 * test_split, where, len(splits["test"]))
     if "validation" not in splits:
         fraction = validation_split / (1 - test_split) if test_split else validation_split
-        splits["train"], splits["validation"] = stratified_split(splits["train"], fraction, seed)
+        splits["train"], splits["validation"] = carve(splits["train"], fraction, seed)
         log.info("A seeded stratified %.0f%% of %s validates (%d images)",
                  100 * validation_split, where, len(splits["validation"]))
     return splits
+
+
+def positive_weights(labels, mode="auto"):
+    """Per-label weights [C] of the positives in a multi-label loss, or None when not wanted:
+    a label's negatives over its positives, which gives both the same total weight. "auto"
+    weights only the rare labels (IMBALANCE_RATIO times more negatives than positives), 1
+    for the others; "balanced" weights every label; "none" never weights."""
+    if mode not in CLASS_WEIGHT_MODES:
+        raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHT_MODES)}; "
+                         f"received {mode!r}.")
+    carries = np.asarray(labels, dtype=np.float64)
+    positives = carries.sum(axis=0)
+    ratio = (len(carries) - positives) / np.maximum(positives, 1)
+    weights = np.where(positives > 0, ratio, 1.0)
+    if mode == "auto":
+        weights = np.where(ratio >= IMBALANCE_RATIO, weights, 1.0)
+    if mode == "none" or np.all(weights == 1):
+        return None
+    return [float(w) for w in weights]
 
 
 def class_weights(labels, num_classes, mode="auto"):

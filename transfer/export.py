@@ -10,6 +10,10 @@ Both return, computed in the graph from the run's calibration (transfer.calibrat
   class_index    int32 [N]       and class_name string [N]: the most probable class
   score          float32 [N]     the in-class score, higher for images more like the classes
   unknown        bool [N]        score < the calibration's threshold (never, uncalibrated)
+A multi-label model's probabilities are each label's sigmoid(logit / temperature), and its
+signatures also return
+  decisions      bool [N, C]     each label's probability at or above its threshold (chosen
+                                 for the label's F1 on the validation images)
 """
 
 import json
@@ -115,9 +119,10 @@ def export_savedmodel(model, classes, model_dir, calibration=None, flips="none",
     import tensorflow as tf
 
     from transfer.calibrate import Calibration
-    from transfer.model import scored
+    from transfer.model import is_multi_label, scored
 
-    calibration = calibration or Calibration()
+    multi_label = is_multi_label(model)
+    calibration = calibration or Calibration(multi_label=multi_label)
     model_dir = Path(model_dir)
     taken = next((p for p in (model_dir, *model_dir.parents) if p.exists()), None)
     if taken is not None and not taken.is_dir():
@@ -128,6 +133,7 @@ def export_savedmodel(model, classes, model_dir, calibration=None, flips="none",
     names = tf.constant(list(classes))
     predicting = scored(model, calibration, flips)  # shares the classifier's weights
     threshold = tf.constant(calibration.threshold, tf.float32)  # -inf: nothing is below it
+    decided = tf.constant(calibration.decision_thresholds(len(classes)))
 
     def outputs(images):
         result = predicting(images, training=False)
@@ -135,7 +141,8 @@ def export_savedmodel(model, classes, model_dir, calibration=None, flips="none",
         index = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {"probabilities": probabilities, "class_index": index,
                 "class_name": tf.gather(names, index), "score": score,
-                "unknown": score < threshold}
+                "unknown": score < threshold,
+                **({"decisions": probabilities >= decided} if multi_label else {})}
 
     def serve_bytes(image_bytes):
         images = tf.map_fn(lambda data: decode_and_resize(data, size), image_bytes,
@@ -161,7 +168,9 @@ def export_savedmodel(model, classes, model_dir, calibration=None, flips="none",
             write_json(extra / CONFIG_ASSET, config)
         target = model_dir / str(version)
         verify_export(predicting, staging, sample_images, calibration.threshold,
-                      name=f"{target} (not published)")
+                      name=f"{target} (not published)",
+                      decided=calibration.decision_thresholds(len(classes))
+                      if multi_label else None)
         if target.exists():  # another export took this version meanwhile
             raise FileExistsError(f"{target} already exists; exports never overwrite a version.")
         staging.rename(target)
@@ -171,13 +180,15 @@ def export_savedmodel(model, classes, model_dir, calibration=None, flips="none",
     return target
 
 
-def verify_export(predicting, path, images=None, threshold=-math.inf, atol=1e-4, name=None):
+def verify_export(predicting, path, images=None, threshold=-math.inf, atol=1e-4, name=None,
+                  decided=None):
     """Reload the SavedModel at `path` and check that its serving_default reproduces
     `predicting` (a model.scored model): its probabilities to `atol`, its scores to `atol`
-    relative to their size (energy scores are ~10, Mahalanobis scores thousands), and the
+    relative to their size (energy scores are ~10, Mahalanobis scores thousands), the
     unknown flags (score < `threshold`) wherever the score is not within that tolerance of
-    the threshold. ValueError (naming the export `name`, by default its path) if not;
-    returns the largest probability difference."""
+    the threshold, and for a multi-label model (`decided`: its thresholds [C]) the decisions
+    likewise. ValueError (naming the export `name`, by default its path) if not; returns the
+    largest probability difference."""
     import tensorflow as tf
 
     size = predicting.input_shape[1]
@@ -206,6 +217,12 @@ def verify_export(predicting, path, images=None, threshold=-math.inf, atol=1e-4,
         if wrong.any():
             problem = (f"{int(wrong.sum())} of {len(wrong)} images flagged unknown wrongly "
                        f"(threshold {threshold:.4f})")
+        elif decided is not None:
+            p = expected["probabilities"]
+            clear = ~np.isclose(p, decided, atol=atol)
+            wrong = clear & (served["decisions"].numpy() != (p >= decided))
+            if wrong.any():
+                problem = f"{int(wrong.sum())} label decisions differ from the thresholds'"
     if problem is not None:
         raise ValueError(f"The export {name or path} does not reproduce the model: {problem}.")
     return float(np.max(np.abs(got["probabilities"] - expected["probabilities"])))

@@ -5,6 +5,10 @@ problem. Ten epochs of Adam stop short of its optimum; L-BFGS (scikit-learn's
 LogisticRegression) reaches it in seconds on the cached features of every training view. The
 L2 strength is chosen by the validation images' log loss over a grid; the test images, when a
 run has them, are never seen here.
+
+A multi-label head (a sigmoid per label) is the same problem for every label at once: the
+binary cross-entropy of each label, its positives weighted, plus the L2 penalty, minimised
+jointly by SciPy's L-BFGS, with the same grid of C on the validation images' loss.
 """
 
 import logging
@@ -22,15 +26,18 @@ def solve_head(dense, train, validation, class_weight=None, grid=C_GRID):
     """Set `dense` (the classifier's softmax layer) to the softmax regression on the cached
     features of `train` (a cache.Views: every view of every image) whose C in `grid` gives
     the lowest log loss on `validation` (view 0). Returns the epoch's logs, as Keras names
-    them, with the C chosen."""
+    them, with the C chosen. Multi-hot labels (a sigmoid layer): `class_weight` is the
+    positives' weight of each label [C], and the head is solved by _solve_sigmoid."""
     from sklearn.linear_model import LogisticRegression
 
     started = time.time()
     views, count = train.features.shape[:2]
     x = np.asarray(train.features, dtype=np.float32).reshape(views * count, -1)
-    y = np.tile(train.labels, views)
+    y = np.tile(train.labels, (views, 1) if np.ndim(train.labels) == 2 else views)
     x_val = np.asarray(validation.features[0], dtype=np.float32)
     y_val = validation.labels
+    if np.ndim(y) == 2:
+        return _solve_sigmoid(dense, x, y, x_val, y_val, class_weight, grid, started, views)
     weights = (None if class_weight is None
                else np.asarray([class_weight[label] for label in y], dtype=np.float64))
     classes = dense.kernel.shape[-1]
@@ -57,6 +64,59 @@ def solve_head(dense, train, validation, class_weight=None, grid=C_GRID):
              time.time() - started, views, count, c, len(grid), logs["val_loss"],
              logs["val_accuracy"])
     return logs | {"l2_c": c}
+
+
+def _solve_sigmoid(dense, x, y, x_val, y_val, positive_weights, grid, started, views):
+    """solve_head for multi-hot labels: minimise C * (sum of the weighted binary
+    cross-entropies) + |kernel|^2 / 2 for each C of the grid, warm-started from the more
+    regularised solution, and keep the one of the lowest validation loss."""
+    from scipy.optimize import minimize
+
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    features, labels = x.shape[1], y.shape[1]
+    weights = np.ones(labels) if positive_weights is None else np.asarray(positive_weights)
+    start, best = np.zeros((features + 1) * labels), None
+
+    def objective(theta, c):
+        kernel, bias = theta[:-labels].reshape(features, labels), theta[-labels:]
+        z = x @ kernel + bias
+        loss = weights * y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z)
+        gradient = c * (weights * y * (_sigmoid(z) - 1) + (1 - y) * _sigmoid(z))
+        value = c * loss.sum() + 0.5 * np.square(kernel).sum()
+        return value, np.concatenate([(x.T @ gradient + kernel).ravel(), gradient.sum(axis=0)])
+
+    for c in sorted(grid):
+        start = minimize(objective, start, args=(c,), jac=True, method="L-BFGS-B",
+                         options={"maxiter": 5000}).x
+        kernel, bias = start[:-labels].reshape(features, labels), start[-labels:]
+        loss = _label_loss(x_val @ kernel + bias, y_val, weights)
+        if best is None or loss < best[0]:
+            best = (loss, c, kernel, bias)
+    _, c, kernel, bias = best
+    dense.kernel.assign(kernel.astype(dense.kernel.dtype))
+    dense.bias.assign(bias.astype(dense.bias.dtype))
+    logs = {"loss": _label_loss(x @ kernel + bias, y, weights),
+            "accuracy": float(((x @ kernel + bias >= 0) == (y > 0)).mean()),
+            "val_loss": best[0],
+            "val_accuracy": float(((x_val @ kernel + bias >= 0) == (np.asarray(y_val) > 0))
+                                  .mean())}
+    log.info("Head solved by L-BFGS in %.1f s on %d views x %d images, a sigmoid per label: "
+             "L2 C=%g chosen of %d on the validation loss; val_loss %.4f, val_accuracy "
+             "(per label) %.4f", time.time() - started, views, len(x) // views, c, len(grid),
+             logs["val_loss"], logs["val_accuracy"])
+    return logs | {"l2_c": c}
+
+
+def _sigmoid(z):
+    return 0.5 * (1 + np.tanh(0.5 * z))  # no overflow for large |z|
+
+
+def _label_loss(logits, labels, weights):
+    """transfer.layers.LabelCrossentropy of sigmoid(logits), in NumPy: the weighted binary
+    cross-entropy averaged over labels and images."""
+    y = np.asarray(labels, dtype=np.float64)
+    return float((weights * y * np.logaddexp(0, -logits)
+                  + (1 - y) * np.logaddexp(0, logits)).mean())
 
 
 def _softmax_weights(coef, intercept, classes):

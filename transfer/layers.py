@@ -151,15 +151,18 @@ class Logits(keras.layers.Layer):
 
 
 class Calibrated(keras.layers.Layer):
-    """(logits, pooled features) -> (softmax(logits / temperature), the in-class score):
-    transfer.calibrate's formulas in the graph ("mahalanobis": minus the smallest squared
-    distance of the whitened features to a whitened class mean; "energy": logsumexp(logits);
-    "max_probability": the largest calibrated probability). The Mahalanobis statistics are
-    constant, non-trainable weights of the layer."""
+    """(logits, pooled features) -> (softmax(logits / temperature), or with `multi_label`
+    the sigmoids, and the in-class score): transfer.calibrate's formulas in the graph
+    ("mahalanobis": minus the smallest squared distance of the whitened features to a
+    whitened class mean; "energy": logsumexp(logits); "joint_energy": the sum of
+    softplus(logits); "max_probability": the largest calibrated probability). The
+    Mahalanobis statistics are constant, non-trainable weights of the layer."""
 
-    def __init__(self, temperature=1.0, score="energy", means=None, whitening=None, **kwargs):
+    def __init__(self, temperature=1.0, score="energy", means=None, whitening=None,
+                 multi_label=False, **kwargs):
         super().__init__(dtype="float32", **kwargs)
         self.temperature, self.score = float(temperature), score
+        self.multi_label = multi_label
         self.centers = self.whitening = None
         if score == "mahalanobis":
             if means is None or whitening is None:
@@ -176,13 +179,40 @@ class Calibrated(keras.layers.Layer):
 
     def call(self, inputs):
         logits, features = inputs
-        probabilities = ops.softmax(logits / self.temperature, axis=-1)
+        probabilities = (ops.sigmoid(logits / self.temperature) if self.multi_label
+                         else ops.softmax(logits / self.temperature, axis=-1))
         if self.score == "mahalanobis":
             whitened = ops.matmul(ops.cast(features, "float32"), self.whitening)
             distances = ops.sum(ops.square(whitened[:, None, :] - self.centers[None]), axis=-1)
             score = -ops.min(distances, axis=-1)
         elif self.score == "energy":
             score = ops.logsumexp(logits, axis=-1)
+        elif self.score == "joint_energy":
+            score = ops.sum(ops.softplus(logits), axis=-1)
         else:
             score = ops.max(probabilities, axis=-1)
         return probabilities, score
+
+
+@keras.saving.register_keras_serializable(package="transfer")
+class LabelCrossentropy(keras.losses.Loss):
+    """A multi-label model's loss: the binary cross-entropy of each label's sigmoid, averaged
+    over the labels as Keras's binary_crossentropy, with each label's positives weighted by
+    `positive_weights` [C] (None: all 1), so that a rare label is not learnt as never there."""
+
+    def __init__(self, positive_weights=None, name="label_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.positive_weights = (None if positive_weights is None
+                                 else [float(weight) for weight in positive_weights])
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, y_pred.dtype)
+        epsilon = keras.config.epsilon()
+        y_pred = ops.clip(y_pred, epsilon, 1 - epsilon)
+        weights = (1.0 if self.positive_weights is None
+                   else ops.convert_to_tensor(self.positive_weights, y_pred.dtype))
+        return -ops.mean(weights * y_true * ops.log(y_pred)
+                         + (1 - y_true) * ops.log(1 - y_pred), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "positive_weights": self.positive_weights}

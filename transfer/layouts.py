@@ -2,7 +2,8 @@
 
   class folders   <data>/<class>/*            one pool, split by seed (stratified)
   split folders   <data>/train/<class>/*, with validation/ (or val/, valid/) and/or test/
-  label file      --labels FILE.csv|.tsv: columns path,label[,split], paths relative to its folder
+  label file      --labels FILE.csv|.tsv: columns path,label[,split], paths relative to its folder;
+                  a label cell may hold several labels, separated by spaces or ";" (multi-label)
   file names      --label-pattern REGEX: the first group of the file name's match is its class
 
 find_layout() lists the files and check_layout() checks them (transfer.check decodes each
@@ -11,6 +12,7 @@ once). Where the layout leaves a split out, data.assign_splits() carves it from 
 
 import csv
 import dataclasses
+import logging
 import os
 import re
 from pathlib import Path
@@ -18,12 +20,17 @@ from pathlib import Path
 from transfer.check import (Listing, _checked, cache_file_for, class_names, extra_folders,
                             list_images, scan_split)
 
+log = logging.getLogger(__name__)
+
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val", "valid"),
                  "test": ("test",)}
 POOL = "images"  # the split of a layout that names none: training, validation and test to be
 LABEL_COLUMNS = ("path", "label", "split")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation",
                "valid": "validation", "test": "test"}
+LABEL_SEPARATORS = re.compile(r"[;\s]+")  # between the labels of a multi-label cell
+# Characters that, joining labels the file also names alone, mean another separator was meant.
+OTHER_SEPARATORS = ",|/+&"
 
 
 @dataclasses.dataclass
@@ -36,11 +43,14 @@ class Layout:
     splits: dict  # {split name: (folder named in messages, {class, or None: check.Listing})}
     unused: list = dataclasses.field(default_factory=list)  # images under no label-file row
     source: str = ""  # what to name in messages: the folder, label file or pattern
+    # Several labels per image (a label file's): each file is listed under each of its labels,
+    # and an image with none under None.
+    multi_label: bool = False
 
     def describe(self):
         note = (f"; {len(self.unused)} image(s) in {self.root} under no row of the label file, "
                 "not used" if self.unused else "")
-        return f"{self.kind} ({self.source}){note}"
+        return f"{self.kind}{', multi-label' if self.multi_label else ''} ({self.source}){note}"
 
 
 def resolve(data, labels=None):
@@ -66,17 +76,22 @@ def resolve(data, labels=None):
     return path.resolve().parent.name, path.parent, path
 
 
-def find_layout(data_dir, labels=None, label_pattern=None, classes=None):
+def find_layout(data_dir, labels=None, label_pattern=None, classes=None, multi_label=None):
     """The Layout of data_dir: from a label file, a file-name pattern, or its folders.
 
     classes: the names a model already has (evaluation); files of any other class are an
-    error. None: the classes are what the data set holds.
+    error. None: the classes are what the data set holds. multi_label: whether a label
+    file's cells hold several labels; None: detected (any cell with more than one).
     """
     data_dir = Path(data_dir)
     if labels is not None and label_pattern is not None:
         raise ValueError("--labels and --label-pattern both give the classes; use one.")
     if labels is not None:
-        return _label_file(Path(labels), classes)
+        return _label_file(Path(labels), classes, multi_label)
+    if multi_label:
+        raise ValueError("--multi-label needs a label file: give --labels FILE.csv whose label "
+                         "cells hold an image's labels, separated by spaces or ';'. Folders "
+                         "and file names give one class per image.")
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir} does not exist; expected {data_dir}/<class>/*.jpg.")
     if label_pattern is not None:
@@ -159,7 +174,7 @@ def _file_names(data_dir, pattern, classes):
                      f"--label-pattern {pattern}", f"--label-pattern over {data_dir}")
 
 
-def _label_file(path, classes):
+def _label_file(path, classes, multi_label=None):
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     if path.suffix.lower() not in (".csv", ".tsv"):
         raise ValueError(f"Label file {path} must end in .csv or .tsv; received "
@@ -176,7 +191,7 @@ def _label_file(path, classes):
         raise ValueError(f"Label file {path} has column(s) {', '.join(unknown or header)}; "
                          f"expected each of {', '.join(LABEL_COLUMNS)} once (split optional).")
     root = path.parent
-    outside, labels_of, named, mentioned = Listing(), {}, {}, set()
+    outside, named, mentioned = Listing(), {}, set()
     for number, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
@@ -196,24 +211,69 @@ def _label_file(path, classes):
                                                   "not used; give paths relative to it"))
             continue
         mentioned.add(os.path.realpath(target))
-        if not label:
-            outside.problems.append((target, f"empty label ({where}): not used"))
-            continue
         if target in named and named[target][:2] != (label, split):
             raise ValueError(f"{path} names {file} twice with different labels or splits "
                              f"(line {named[target][2]}: {named[target][0]}, {named[target][1]}; "
                              f"line {number}: {label}, {split}); keep one row per file.")
-        if target not in named:
-            named[target] = (label, split, number)
-            labels_of.setdefault(split, {}).setdefault(label, []).append(target)
+        named.setdefault(target, (label, split, number))
+    multi_label = _multi_label(path, named, multi_label)
+    labels_of, unlabelled = {}, {}
+    for target, (label, split, number) in named.items():
+        cells = label_set(label) if multi_label else ([label] if label else [])
+        if not cells and not multi_label:
+            outside.problems.append((target, f"empty label ({path.name} line {number}): not "
+                                             "used"))
+        elif not cells:  # an image of none of the labels: a negative for every one
+            unlabelled.setdefault(split, []).append(target)
+        for name in cells:
+            labels_of.setdefault(split, {}).setdefault(name, []).append(target)
+    _check_separators(path, named, {name for by_label in labels_of.values() for name in by_label},
+                      multi_label)
     unused = [p for p in list_images(root).images if os.path.realpath(p) not in mentioned]
-    layout = _labelled("label file", root, labels_of, outside, classes, str(path), str(path))
-    layout.unused = unused
+    layout = _labelled("label file", root, labels_of, outside, classes, str(path), str(path),
+                       unlabelled)
+    layout.unused, layout.multi_label = unused, multi_label
     return layout
 
 
-def _labelled(kind, root, by_split, outside, classes, source, where):
-    """A Layout from {split: {label: [paths]}}; files outside any class go to `outside`."""
+def label_set(cell):
+    """The labels of a multi-label cell, in order, each once: separated by spaces or ';'."""
+    return list(dict.fromkeys(name for name in LABEL_SEPARATORS.split(cell) if name))
+
+
+def _multi_label(path, named, wanted):
+    """Whether the label file's cells are read as sets of labels: as `wanted`, or (None)
+    when any cell holds more than one, which is logged."""
+    if wanted is not None:
+        return wanted
+    several = next(((label, number) for label, _, number in named.values()
+                    if len(label_set(label)) > 1), None)
+    if several is None:
+        return False
+    log.info("%s line %d holds %d labels (%s): each image may carry several labels; training "
+             "multi-label, a sigmoid per label. --no-multi-label reads each cell as one class "
+             "name.", path.name, several[1], len(label_set(several[0])), several[0])
+    return True
+
+
+def _check_separators(path, named, names, multi_label):
+    """ValueError for a label that is other labels of the file joined by a character that
+    does not separate labels (cat,dog or cat|dog where cat and dog are labels)."""
+    for label, _, number in named.values():
+        for name in label_set(label) if multi_label else [label]:
+            for mark in OTHER_SEPARATORS:
+                parts = [part for part in name.split(mark) if part]
+                if len(parts) > 1 and all(part in names for part in parts):
+                    raise ValueError(
+                        f"{path.name} line {number} has the label {name!r}: the labels "
+                        f"{', '.join(parts)} joined by {mark!r}, which does not separate "
+                        "labels. Separate an image's labels with spaces or ';' (e.g. "
+                        f"{';'.join(parts)}).")
+
+
+def _labelled(kind, root, by_split, outside, classes, source, where, unlabelled=None):
+    """A Layout from {split: {label: [paths]}}; files outside any class go to `outside`, and
+    the images of no label ({split: [paths]}, multi-label) are listed under None."""
     found = sorted({label for by_class in by_split.values() for label in by_class})
     if classes is not None:
         extra = [label for label in found if label not in classes]
@@ -225,15 +285,16 @@ def _labelled(kind, root, by_split, outside, classes, source, where):
         if len(classes) < 2:
             raise ValueError(f"{where} names {len(classes)} class(es) "
                              f"({', '.join(classes) or 'none'}); expected at least two.")
-    splits = {}
+    splits, unlabelled = {}, unlabelled or {}
     for split in [POOL, *SPLIT_FOLDERS]:
-        if split in by_split:
-            listings = {None: Listing()}
-            listings.update({cls: Listing(images=by_split[split].get(cls, []))
+        if split in by_split or split in unlabelled:
+            listings = {None: Listing(images=unlabelled.get(split, []))}
+            listings.update({cls: Listing(images=by_split.get(split, {}).get(cls, []))
                              for cls in classes})
             splits[split] = (root, listings)
     first = next(iter(splits.values()), (root, {None: Listing()}))[1]
-    first[None] = Listing(skipped=outside.skipped, problems=outside.problems)
+    first[None] = Listing(images=first[None].images, skipped=outside.skipped,
+                          problems=outside.problems)
     if not splits:
         splits[POOL] = (root, first)
     return Layout(kind, root, classes, splits, source=source)
@@ -251,7 +312,7 @@ def check_layout(layout, require_all=True):
             for split, (folder, listings) in layout.splits.items()]
 
 
-def check_dataset(data_dir, labels=None, label_pattern=None):
+def check_dataset(data_dir, labels=None, label_pattern=None, multi_label=None):
     """(the Layout of data_dir, its checked SplitReports)."""
-    layout = find_layout(data_dir, labels, label_pattern)
+    layout = find_layout(data_dir, labels, label_pattern, multi_label=multi_label)
     return layout, check_layout(layout)

@@ -12,8 +12,10 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "images"
 
 
-def build_classifier(spec, num_classes, image_size, weights="imagenet", dropout=0.2):
-    """A Keras model from [N, image_size, image_size, 3] 0-255 RGB to class probabilities."""
+def build_classifier(spec, num_classes, image_size, weights="imagenet", dropout=0.2,
+                     multi_label=False):
+    """A Keras model from [N, image_size, image_size, 3] 0-255 RGB to class probabilities:
+    a softmax over the classes, or with `multi_label` one sigmoid per label."""
     backbone = spec.build(image_size, weights=None if weights == "none" else weights)
     backbone.trainable = False
     inputs = keras.Input((image_size, image_size, 3), name=INPUT_NAME)
@@ -25,9 +27,15 @@ def build_classifier(spec, num_classes, image_size, weights="imagenet", dropout=
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     # float32 even under mixed precision: a float16 softmax loses small probabilities.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities",
-                                 dtype="float32")(x)
+    outputs = keras.layers.Dense(num_classes, activation="sigmoid" if multi_label else "softmax",
+                                 name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"transfer_{spec.name}")
+
+
+def is_multi_label(model):
+    """Whether a classifier gives one sigmoid per label (several labels per image) rather
+    than a softmax over its classes."""
+    return model.get_layer("probabilities").get_config()["activation"] == "sigmoid"
 
 
 # The axes each mirror image flips, for each of TrainConfig's flip modes (NHWC: 1 rows, 2 columns).
@@ -57,7 +65,7 @@ def scored(model, calibration=None, flip="none", raw=False):
     logits = Logits(dense, name="logits")(pooled)
     probabilities, score = Calibrated(calibration.temperature, calibration.score,
                                       calibration.means, calibration.whitening,
-                                      name="calibrated")([logits, pooled])
+                                      is_multi_label(model), name="calibrated")([logits, pooled])
     outputs = {"probabilities": probabilities, "score": score}
     return keras.Model(inputs, outputs | ({"logits": logits, "features": pooled} if raw else {}),
                        name=f"{model.name}_scored")

@@ -4,6 +4,7 @@ The one module that calls the others in sequence; none of them reaches back up i
 into each other's steps. The command line (transfer.cli) calls these functions.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,8 @@ def train(cfg, verbose="auto"):
     spec = get_spec(cfg.backbone)
     image_size = cfg.image_size or spec.default_size
     data_name, data_dir, labels = layouts.resolve(cfg.data, cfg.labels)
-    layout = layouts.find_layout(data_dir, labels, cfg.label_pattern)
+    layout = layouts.find_layout(data_dir, labels, cfg.label_pattern, multi_label=cfg.multi_label)
+    cfg = dataclasses.replace(cfg, multi_label=layout.multi_label).validate()  # as detected
     classes = layout.classes
     # Built before anything is written: missing ImageNet weights or a wrong cut stop it here.
     strategy, jit = devices(cfg)
@@ -46,7 +48,7 @@ def train(cfg, verbose="auto"):
     for path, reason in (item for report in reports for item in report.bad):
         log.warning("Set aside %s: %s", path, reason)
     splits = data.assign_splits(reports, classes, cfg.validation_split, cfg.test_split,
-                                cfg.seed)
+                                cfg.seed, cfg.multi_label)
 
     saved = cfg.to_dict() | {"image_size": image_size, "data_dir": os.path.abspath(data_dir),
                              "data_name": data_name, "layout": layout.kind}
@@ -112,7 +114,7 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
     curves, the reports on the test images (test/) and on the validation images, and
     summary.json, which marks the run finished: on the chief alone, while the other workers
     of a multi-worker run wait."""
-    from transfer import distribute, multiworker, tracking
+    from transfer import calibrate, distribute, multiworker, tracking
     from transfer.board import Board
     from transfer.evaluate import accuracy, evaluate, plot_learning_curves
     from transfer.model import load_model
@@ -150,7 +152,8 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
                  split="validation", test_accuracy=test_accuracy, flips=flips,
                  predictions=validated)
     elif test:
-        test_accuracy = accuracy(model, test.paths, test.labels, flips)
+        test_accuracy = accuracy(model, test.paths, test.labels, flips,
+                                 calibrate.read(run_dir))
     write_summary(run_dir, history, seconds, test_accuracy)
     Board(run_dir).images({"learning_curves": run_dir / "learning_curves.png",
                            "confusion_matrix": run_dir / "confusion_matrix.png"},
@@ -215,6 +218,12 @@ def calibrate_run(model, run_dir, validation, keep):
              len(validation.paths), calibration.temperature, figures["nll_before"],
              figures["nll_after"], figures["ece_before"], figures["ece_after"],
              calibration.score, calibration.threshold, 100 * keep)
+    if calibration.multi_label:
+        classes = json.loads((Path(run_dir) / "classes.json").read_text())
+        log.info("Decision thresholds, each label's best F1 on the validation images: %s",
+                 ", ".join(f"{name} {threshold:.3f}"
+                           for name, threshold in zip(classes, calibration.decision_thresholds(
+                               len(classes)))))
     return images, calibrate.apply(calibration, outputs)
 
 

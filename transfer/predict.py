@@ -37,6 +37,7 @@ class Predictor:
             path = found[max(found)]
         self.path = path
         self.model = None  # the Keras model, when loaded from one
+        self.multi_label = False  # a sigmoid per label, each decided by its threshold
         if path.is_dir():
             self._load_savedmodel(path, tta)
         elif path.suffix == ".keras":
@@ -46,20 +47,23 @@ class Predictor:
 
     def _load_keras(self, path, tta):
         from transfer import calibrate
-        from transfer.model import scored
+        from transfer.model import is_multi_label, scored
         from transfer.runs import load_keras, tta_flip
 
         model, self.classes = load_keras(path)
         self.model = model
         self.image_size = model.input_shape[1]
+        self.multi_label = is_multi_label(model)
         run_dir = path.parent if (path.parent / "config.json").is_file() else None
         calibration = calibrate.read(run_dir)
         predicting = scored(model, calibration, tta_flip(run_dir, tta))
+        decided = calibration.decision_thresholds(len(self.classes))
 
         def predict(images):
             outputs = {key: np.asarray(value)
                        for key, value in predicting(images, training=False).items()}
-            return outputs | {"unknown": outputs["score"] < calibration.threshold}
+            return outputs | {"unknown": outputs["score"] < calibration.threshold} | (
+                {"decisions": outputs["probabilities"] >= decided} if self.multi_label else {})
 
         self._predict = predict
 
@@ -83,9 +87,12 @@ class Predictor:
                              f"{SIGNATURE} signature has no {' or '.join(missing)} output. "
                              "Export the run again with `transfer export`.")
 
+        self.multi_label = "decisions" in signature.structured_outputs
+        keys = ("probabilities", "score", "unknown") + (("decisions",) if self.multi_label else ())
+
         def predict(images):
             outputs = signature(**{IMAGES_INPUT: tf.constant(images)})
-            return {key: outputs[key].numpy() for key in ("probabilities", "score", "unknown")}
+            return {key: outputs[key].numpy() for key in keys}
 
         self._predict = predict
 
@@ -97,7 +104,8 @@ class Predictor:
     def predict(self, images):
         """For float32 0-255 images [N, H, W, 3]: {"probabilities": calibrated class
         probabilities [N, C], "score": in-class scores [N], "unknown": [N] bools, True
-        where the score is below the model's threshold}."""
+        where the score is below the model's threshold}; for a multi-label model also
+        "decisions" [N, C], each label's probability at or above its threshold."""
         return self._predict(np.asarray(images, dtype=np.float32))
 
 
@@ -152,7 +160,9 @@ def error_row(path, error):
 def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=None, reject=False):
     """Yield one row per path: path, label, probability, score, unknown, top_k
     [(label, p)...], error. With `reject`, an unknown image's label is "unknown" (its
-    probability and top_k still the classes').
+    probability and top_k still the classes'). A multi-label model's rows also hold "labels",
+    those above their thresholds (label: them joined by ';', "" for none), and
+    "probabilities", every label's.
 
     Images are decoded by `workers` threads (default: decode_workers()), one batch ahead of
     the model.
@@ -182,13 +192,21 @@ def predict_paths(predictor, paths, batch_size=32, top_k=3, workers=None, reject
                 probabilities = outputs["probabilities"][position]
                 unknown = bool(outputs["unknown"][position])
                 order = np.argsort(probabilities)[::-1][:top_k]
-                yield {"path": str(path),
-                       "label": UNKNOWN if reject and unknown else predictor.classes[order[0]],
+                row = {"path": str(path), "label": predictor.classes[order[0]],
                        "probability": float(probabilities[order[0]]),
                        "score": float(outputs["score"][position]), "unknown": unknown,
                        "top_k": [(predictor.classes[i], float(probabilities[i]))
                                  for i in order],
                        "error": None}
+                if predictor.multi_label:
+                    labels = [name for name, decided in zip(
+                        predictor.classes, outputs["decisions"][position]) if decided]
+                    row |= {"label": ";".join(labels), "labels": labels,
+                            "probabilities": {name: float(p) for name, p in
+                                              zip(predictor.classes, probabilities)}}
+                if reject and unknown:
+                    row["label"] = UNKNOWN
+                yield row
                 position += 1
 
 

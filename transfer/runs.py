@@ -46,11 +46,26 @@ def latest_run(parent, finished=True):
     return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
 
 
+LABEL_JOIN = ";"  # between a multi-label image's labels in split.csv
+
+
 def write_split(run_dir, classes, splits):
-    """split.csv: which file each split ({name: data.Split}) used, with its class name."""
+    """split.csv: which file each split ({name: data.Split}) used, with its class name (a
+    multi-label image: its labels joined by ';', none for an image of no label)."""
+    def named(label):
+        if isinstance(label, tuple):
+            return LABEL_JOIN.join(cls for cls, carried in zip(classes, label) if carried)
+        return classes[label]
+
     write_csv(Path(run_dir) / "split.csv", ("split", "path", "label"),
-              [(name, path, classes[label]) for name, split in splits.items()
+              [(name, path, named(label)) for name, split in splits.items()
                for path, label in zip(split.paths, split.labels)])
+
+
+def is_multi_label(run_dir):
+    """Whether a run trained a multi-label model (config.json's multi_label)."""
+    config = Path(run_dir) / "config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("multi_label"))
 
 
 def read_split(run_dir):
@@ -61,8 +76,14 @@ def read_split(run_dir):
     classes = json.loads((Path(run_dir) / "classes.json").read_text())
     with open(Path(run_dir) / "split.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
+    if is_multi_label(run_dir):
+        def label(name):
+            carried = set(name.split(LABEL_JOIN)) if name else set()
+            return tuple(int(cls in carried) for cls in classes)
+    else:
+        label = classes.index
     splits = {name: Split(tuple(r["path"] for r in rows if r["split"] == name),
-                          tuple(classes.index(r["label"]) for r in rows if r["split"] == name))
+                          tuple(label(r["label"]) for r in rows if r["split"] == name))
               for name in SPLITS}
     return classes, {name: split for name, split in splits.items()
                      if split or name != "test"}

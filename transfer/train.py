@@ -50,7 +50,8 @@ def build(cfg, spec, num_classes, image_size):
     from transfer.model import backbone_of, build_classifier
 
     keras.utils.set_random_seed(cfg.seed)
-    model = build_classifier(spec, num_classes, image_size, cfg.weights, cfg.dropout)
+    model = build_classifier(spec, num_classes, image_size, cfg.weights, cfg.dropout,
+                             bool(cfg.multi_label))
     for phase in cfg.phases(spec):
         if phase.unfreeze_from:
             cut_index(backbone_of(model), phase.unfreeze_from, spec.name)
@@ -130,14 +131,35 @@ def read_state(run_dir):
 
 
 def class_weights(cfg, classes, train_split):
-    """{label: weight} for the loss as cfg.class_weights says (empty: unweighted), logged."""
+    """{label: weight} for the loss as cfg.class_weights says (empty: unweighted), logged; for
+    a multi-label run, the positives' weight of each label [C] (data.positive_weights)."""
     from transfer import data
 
+    if cfg.multi_label:
+        weights = data.positive_weights(train_split.labels, cfg.class_weights)
+        if weights:
+            log.info("Positive weights (rare labels): %s",
+                     ", ".join(f"{name} {w:.2f}" for name, w in zip(classes, weights)
+                               if w != 1))
+        return weights
     weights = data.class_weights(train_split.labels, len(classes), cfg.class_weights)
     if weights:
         log.info("Class weights (imbalanced classes): %s",
                  ", ".join(f"{classes[label]} {w:.2f}" for label, w in weights.items()))
     return weights
+
+
+def objective(model, class_weight):
+    """(loss, metrics, class_weight for fit) of a classifier: sparse categorical
+    cross-entropy weighted by class through fit, or for a multi-label model the binary
+    cross-entropy with `class_weight` as its positives' weights, and accuracy per label."""
+    from transfer.layers import LabelCrossentropy
+    from transfer.model import is_multi_label
+
+    if is_multi_label(model):
+        return (LabelCrossentropy(class_weight),
+                [keras.metrics.BinaryAccuracy(name="accuracy")], None)
+    return "sparse_categorical_crossentropy", ["accuracy"], class_weight
 
 
 def scaled_phases(cfg, spec, replicas):
@@ -172,6 +194,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
                jit_compile="auto"):
     """Fit each phase in turn, resumably, and return the per-epoch history of all of them.
 
+    class_weight: {label: weight}, or for a multi-label model the positives' weights [C].
     Each phase sets what is trainable, asks feeds(phase) for (the model to fit, training
     data, validation data, a description): the classifier itself on images, or a model
     sharing its layers on cached features. It recompiles (trainable changes apply only at
@@ -185,6 +208,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
     from transfer.model import backbone_of, count_trainable, set_trainable
 
     run_dir = Path(run_dir)
+    loss, metrics, fit_weights = objective(model, class_weight)
     history = read_history(run_dir / "history.csv")
     state = read_state(run_dir)
     completed = state.get("completed", [])
@@ -201,8 +225,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         set_trainable(backbone_of(model), phase.unfreeze_from)
         fit_model, train_data, val_data, fed = feeds(phase)
         steps = _steps_per_epoch(train_data) if phase.schedule == "cosine" else None
-        fit_model.compile(optimizer=phase_optimizer(phase, steps),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+        fit_model.compile(optimizer=phase_optimizer(phase, steps), loss=loss, metrics=metrics,
                           jit_compile=jit_compile)
         # Kept until state.json says the phase is done, so no moment loses a finished phase.
         backup = keras.callbacks.BackupAndRestore(run_dir / "backup" / phase.name,
@@ -239,7 +262,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
                           # tracked and backed up
                           callbacks=[*([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)]
                                        if phase.ema else []), tracker, backup],
-                          class_weight=class_weight,
+                          class_weight=fit_weights,
                           shuffle=False)  # the data shuffles itself
         history = tracker.history
         epochs_run = len([row for row in history if row["phase"] == phase.name])
