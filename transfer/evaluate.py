@@ -65,7 +65,11 @@ def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=
     returns the output folder (default: the run directory, or the .keras file's folder).
 
     unknown: a folder of images of none of the classes, to measure the in-class score on."""
+    from dataclasses import astuple
+
+    from transfer.data import as_split
     from transfer.layouts import check_layout, find_layout, resolve
+    from transfer.model import is_multi_label
     from transfer.runs import load_run_model, tta_flip
 
     model, classes, run_dir = load_run_model(model_path)
@@ -76,9 +80,15 @@ def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist; expected {folder}/<class>/*.jpg with "
                                 f"the model's classes ({', '.join(classes)}).")
-    reports = check_layout(find_layout(folder, labels, label_pattern, classes), False)
-    paths = [(str(p), classes.index(c)) for report in reports for c in classes
-             for p in report.good[c]]
+    multi_label = is_multi_label(model)
+    reports = check_layout(find_layout(folder, labels, label_pattern, classes,
+                                       multi_label=multi_label), False)
+    if multi_label:  # each image once, with its multi-hot labels
+        paths = [pair for report in reports
+                 for pair in zip(*astuple(as_split(report, classes, multi_label=True)))]
+    else:
+        paths = [(str(p), classes.index(c)) for report in reports for c in classes
+                 for p in report.good[c]]
     set_aside = [item for report in reports for item in report.bad]
     for path, reason in set_aside:
         log.warning("Set aside %s: %s", path, reason)
@@ -106,11 +116,18 @@ def predict_files(model, paths, batch_size=32):
                     for key in batches[0]}
 
 
-def accuracy(model, paths, labels, flips="none"):
+def accuracy(model, paths, labels, flips="none", calibration=None):
+    """The share of images classified right; for a multi-label model, with every label right
+    (subset accuracy), each decided by the calibration's threshold."""
     from transfer.model import scored
 
-    probabilities = predict_files(scored(model, flip=flips), paths)[1]["probabilities"]
-    return float((probabilities.argmax(axis=1) == np.asarray(labels)).mean())
+    probabilities = predict_files(scored(model, calibration, flips), paths)[1]["probabilities"]
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        thresholds = (calibration.decision_thresholds(labels.shape[1]) if calibration
+                      else 0.5)
+        return float(((probabilities >= thresholds) == (labels > 0)).all(axis=1).mean())
+    return float((probabilities.argmax(axis=1) == labels).mean())
 
 
 def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
@@ -129,9 +146,7 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
     from transfer import calibrate
-    from transfer.explain import gradcam, overlay
     from transfer.model import scored
-    from transfer.runs import read_history
 
     if not paths:
         raise ValueError("No readable images to evaluate on; expected <folder>/<class>/*.jpg.")
@@ -142,6 +157,12 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
     images, outputs = predictions or predict_files(scoring, paths)
     probabilities = outputs["probabilities"]
     labels = np.asarray(labels)
+    if labels.ndim == 2:  # a multi-label model's multi-hot labels
+        metrics, figures, samples = _label_results(model, classes, paths, labels, images,
+                                                   probabilities, calibration, output)
+        return _report(model, classes, paths, labels, images, outputs, output, run_dir,
+                       set_aside, split, test_accuracy, flips, unknown, scoring, calibration,
+                       metrics, figures, samples)
     predicted = probabilities.argmax(axis=1)
     per_class, macro = class_scores(labels, predicted, classes)
     matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
@@ -153,25 +174,48 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
     right = np.flatnonzero(predicted == labels)
     right = right[np.argsort(-confidence[right])]
     metrics = {
-        "split": split, "images": len(paths), "accuracy": float((predicted == labels).mean()),
-        "roc_auc": auc, "test_accuracy": test_accuracy, "tta": flips,
+        "accuracy": float((predicted == labels).mean()), "roc_auc": auc,
         "classes": classes, "per_class": per_class, "macro_avg": macro,
         "confusion_matrix": matrix.tolist(),
         "most_confidently_wrong": [
             {"path": paths[i], "true": classes[labels[i]], "predicted": classes[predicted[i]],
-             "probability": float(confidence[i])} for i in wrong[:GALLERY]],
-        "set_aside": [[str(path), reason] for path, reason in set_aside],
-        "calibration": calibration_metrics(calibration, outputs, labels)
-        | {"fitted_on": fitted_on(calibration, run_dir, paths)},
-    }
+             "probability": float(confidence[i])} for i in wrong[:GALLERY]]}
+    figures = {"confusion_matrix": plot_confusion_matrix(matrix, classes,
+                                                         output / "confusion_matrix.png")}
+    if len(wrong):
+        figures["top_losses"] = plot_gallery(
+            images[wrong[:GALLERY]],
+            [f"true {classes[labels[i]]}\npredicted {classes[predicted[i]]} "
+             f"{confidence[i]:.2f}" for i in wrong[:GALLERY]], output / "top_losses.png")
+    samples = np.concatenate([right[:GRADCAM_SAMPLES], wrong[:GRADCAM_SAMPLES]])
+    explained = (samples, predicted[samples],
+                 [f"{'right' if labels[i] == predicted[i] else 'WRONG'}: {classes[predicted[i]]} "
+                  f"{confidence[i]:.2f}\ntrue {classes[labels[i]]}" for i in samples],
+                 right[0] if len(right) else 0)
+    return _report(model, classes, paths, labels, images, outputs, output, run_dir, set_aside,
+                   split, test_accuracy, flips, unknown, scoring, calibration, metrics, figures,
+                   explained)
+
+
+def _report(model, classes, paths, labels, images, outputs, output, run_dir, set_aside, split,
+            test_accuracy, flips, unknown, scoring, calibration, metrics, figures, explained):
+    """evaluate()'s common part, after the classification figures of a single- or
+    multi-label model (`metrics`, `figures`; `explained`: the images to show with Grad-CAM,
+    the class of each heatmap, their titles, and the image for the feature maps): the
+    calibration, unknown images, learning curves, Grad-CAM, filters and feature maps,
+    metrics.json and report.html."""
+    from transfer.explain import gradcam, overlay
+    from transfer.runs import read_history
+
+    metrics = {"split": split, "images": len(paths), "test_accuracy": test_accuracy,
+               "tta": flips, **metrics,
+               "set_aside": [[str(path), reason] for path, reason in set_aside],
+               "calibration": calibration_metrics(calibration, outputs, labels)
+               | {"fitted_on": fitted_on(calibration, run_dir, paths)}}
     if unknown is not None:
         metrics["unknown"] = unknown_metrics(calibration, outputs,
                                              predict_files(scoring, unknown.paths)[1], unknown)
     write_json(output / "metrics.json", metrics)
-
-    figures = {}
-    figures["confusion_matrix"] = plot_confusion_matrix(matrix, classes,
-                                                        output / "confusion_matrix.png")
     figures["reliability"] = plot_reliability(metrics["calibration"], output / "reliability.png")
     if unknown is not None:
         figures["unknown"] = plot_scores(metrics["unknown"], calibration.threshold,
@@ -179,36 +223,107 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
     if run_dir is not None and (run_dir / "history.csv").is_file():
         figures["learning_curves"] = plot_learning_curves(read_history(run_dir / "history.csv"),
                                                           output / "learning_curves.png")
-    if len(wrong):
-        figures["top_losses"] = plot_gallery(
-            images[wrong[:GALLERY]],
-            [f"true {classes[labels[i]]}\npredicted {classes[predicted[i]]} "
-             f"{confidence[i]:.2f}" for i in wrong[:GALLERY]], output / "top_losses.png")
-    samples = np.concatenate([right[:GRADCAM_SAMPLES], wrong[:GRADCAM_SAMPLES]])
-    heatmaps = gradcam(model, images[samples].astype("float32"), predicted[samples])
-    figures["gradcam"] = plot_gallery(
-        overlay(images[samples], heatmaps),
-        [f"{'right' if labels[i] == predicted[i] else 'WRONG'}: {classes[predicted[i]]} "
-         f"{confidence[i]:.2f}\ntrue {classes[labels[i]]}" for i in samples],
-        output / "gradcam.png")
+    samples, shown, titles, example = explained
+    if len(samples):
+        heatmaps = gradcam(model, images[samples].astype("float32"), shown)
+        figures["gradcam"] = plot_gallery(overlay(images[samples], heatmaps), titles,
+                                          output / "gradcam.png")
     filters = plot_filters(model, output / "filters.png")
     if filters is not None:
         figures["filters"] = filters
     before = _original_backbone(model, run_dir)
-    example = images[right[0] if len(right) else 0].astype("float32")
-    figures["feature_maps"] = plot_feature_maps(model, before, example,
+    figures["feature_maps"] = plot_feature_maps(model, before, images[example].astype("float32"),
                                                 output / "feature_maps.png")
     write_report(metrics, figures, output / "report.html",
                  before_note=None if before is not None else
                  "the backbone's original weights could not be loaded, so only the trained "
                  "model's feature maps are shown")
-    log.info("Evaluation on %d %s images: accuracy %.4f%s, ECE %.4f -> %.4f%s. Report: %s",
-             len(paths), split, metrics["accuracy"],
-             f", ROC AUC {auc:.4f}" if auc is not None else "",
+    auc = metrics["roc_auc"]
+    log.info("Evaluation on %d %s images: %saccuracy %.4f%s, ECE %.4f -> %.4f%s. Report: %s",
+             len(paths), split, "subset " if metrics.get("multi_label") else "",
+             metrics["accuracy"],
+             f", ROC AUC {auc:.4f}" if auc is not None else
+             f", micro F1 {metrics['micro_f1']:.4f}, macro F1 {metrics['macro_f1']:.4f}, mAP "
+             f"{metrics['mean_average_precision']:.4f}" if metrics.get("multi_label") else "",
              metrics["calibration"]["ece_before"], metrics["calibration"]["ece_after"],
              f"; unknown images: AUROC {metrics['unknown']['auroc']:.4f}" if unknown else "",
              output / "report.html")
     return metrics
+
+
+def _label_results(model, classes, paths, labels, images, probabilities, calibration, output):
+    """A multi-label model's part of evaluate(): (metrics, figures, what Grad-CAM shows).
+
+    Each label is decided by its threshold. Per label: precision, recall, F1, average
+    precision (None for a label none of these images carries) and support; micro and macro
+    F1 (macro over the labels carried or predicted), mean average precision, subset accuracy
+    (every label of the image right: "accuracy") and Hamming loss, by scikit-learn. The
+    most confidently wrong labels are the image-label decisions furthest from the truth."""
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, hamming_loss
+
+    thresholds = calibration.decision_thresholds(len(classes))
+    decided = (probabilities >= thresholds).astype(int)
+    per_label, macro = {}, []
+    for c, name in enumerate(classes):
+        report = class_scores(labels[:, c], decided[:, c], ["no", name])[0][name]
+        present = bool(labels[:, c].any())
+        per_label[name] = report | {
+            "average_precision": float(average_precision_score(labels[:, c],
+                                                               probabilities[:, c]))
+            if present else None, "threshold": float(thresholds[c])}
+        if present or decided[:, c].any():
+            macro.append(c)
+    precisions = [m["average_precision"] for m in per_label.values()
+                  if m["average_precision"] is not None]
+    distance = np.abs(labels - probabilities)
+    wrong = np.argwhere(decided != labels)  # (image, label) pairs
+    wrong = wrong[np.argsort(-distance[wrong[:, 0], wrong[:, 1]], kind="stable")][:GALLERY]
+    metrics = {
+        "multi_label": True, "accuracy": float(accuracy_score(labels, decided)),
+        "subset_accuracy": float(accuracy_score(labels, decided)),
+        "hamming_loss": float(hamming_loss(labels, decided)),
+        "micro_f1": float(f1_score(labels, decided, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(labels[:, macro], decided[:, macro], average="macro",
+                                   zero_division=0)) if macro else 0.0,
+        "mean_average_precision": float(np.mean(precisions)) if precisions else None,
+        "roc_auc": None, "classes": classes, "per_label": per_label,
+        "most_confidently_wrong": [
+            {"path": paths[i], "label": classes[c], "carried": bool(labels[i, c]),
+             "probability": float(probabilities[i, c]),
+             "predicted": [classes[k] for k in np.flatnonzero(decided[i])]} for i, c in wrong]}
+    figures = {"per_label": plot_per_label(per_label, output / "per_label.png")}
+    if len(wrong):
+        figures["top_losses"] = plot_gallery(
+            images[wrong[:, 0]],
+            [f"{classes[c]} {probabilities[i, c]:.2f}\n"
+             f"{'carried, missed' if labels[i, c] else 'not carried'}" for i, c in wrong],
+            output / "top_losses.png")
+    pairs = [(i, c) for i in range(min(len(paths), GRADCAM_SAMPLES))
+             for c in np.flatnonzero(decided[i])]  # an image once per label predicted
+    explained = (np.asarray([i for i, _ in pairs], dtype=int),
+                 np.asarray([c for _, c in pairs], dtype=int),
+                 [f"{classes[c]} {probabilities[i, c]:.2f}\n"
+                  f"{'carried' if labels[i, c] else 'WRONG: not carried'}" for i, c in pairs],
+                 0)
+    return metrics, figures, explained
+
+
+def plot_per_label(per_label, path):
+    """Bars of each label's precision, recall, F1 and average precision."""
+    plt = _pyplot()
+    names = list(per_label)
+    keys = (("precision", "precision"), ("recall", "recall"), ("f1-score", "F1"),
+            ("average_precision", "AP"))
+    figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(names)), 3.5))
+    width = 0.8 / len(keys)
+    for k, (key, title) in enumerate(keys):
+        values = [per_label[name][key] or 0 for name in names]
+        axes.bar(np.arange(len(names)) + (k - 1.5) * width, values, width, label=title)
+    axes.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+    axes.set_ylim(0, 1.05)
+    axes.legend(loc="lower right", fontsize="small")
+    axes.set_title("Per label, each decided by its threshold")
+    return _save(figure, path)
 
 
 def calibration_metrics(calibration, outputs, labels):
@@ -218,10 +333,15 @@ def calibration_metrics(calibration, outputs, labels):
     from transfer import calibrate
 
     logits, probabilities = outputs["logits"], outputs["probabilities"]
-    before = calibrate.softmax(logits)
+    multi_label = np.ndim(labels) == 2
+    before = calibrate.probabilities_of(logits, multi_label)
     # The model's own score, so the shares are those predict --reject gives.
     kept = outputs["score"] >= calibration.threshold
-    correct = probabilities.argmax(axis=1) == labels
+    if multi_label:  # every label right
+        decided = probabilities >= calibration.decision_thresholds(probabilities.shape[1])
+        correct = (decided == (np.asarray(labels) > 0)).all(axis=1)
+    else:
+        correct = probabilities.argmax(axis=1) == labels
     return {**calibration.to_dict(),
             "ece_before": calibrate.expected_calibration_error(before, labels),
             "ece_after": calibrate.expected_calibration_error(probabilities, labels),
@@ -505,6 +625,7 @@ def write_report(metrics, figures, path, before_note=None):
     import jinja2
 
     calibration = metrics["calibration"]
+    multi_label = metrics.get("multi_label", False)
     sections = {
         "confusion_matrix": ("Confusion matrix", "Where it fails: counts, and each true class's "
                                                  "row as rates."),
@@ -518,11 +639,18 @@ def write_report(metrics, figures, path, before_note=None):
                                                      "dashed line is the run's threshold."),
         "learning_curves": ("Learning curves", "Both phases; the dashed line is where "
                                                "fine-tuning starts."),
-        "top_losses": ("Most confidently wrong", "The mistakes the model was surest of."
+        "per_label": ("Per label", "Each label decided by its own threshold (chosen for its "
+                                   "F1 on the validation images)."),
+        "top_losses": ("Most confidently wrong labels" if multi_label else
+                       "Most confidently wrong",
+                       ("The label decisions furthest from the truth: labels given with a high "
+                        "probability that the image does not carry, and carried labels given a "
+                        "low one." if multi_label else "The mistakes the model was surest of.")
                        if "top_losses" in figures else "No image was classified wrongly."),
-        "gradcam": ("What it looks at (Grad-CAM)", "Red is where the evidence for the predicted "
-                                                   "class is: confident right answers, then "
-                                                   "mistakes."),
+        "gradcam": (("Grad-CAM per predicted label", "Red is where the evidence for each "
+                     "label predicted is, an image once per label.") if multi_label else
+                    ("What it looks at (Grad-CAM)", "Red is where the evidence for the "
+                     "predicted class is: confident right answers, then mistakes.")),
         "filters": ("First-layer filters", "What the first convolution responds to."),
         "feature_maps": ("Feature maps", "One image at an early, a middle and the last "
                                          "convolution: the strongest channels"
