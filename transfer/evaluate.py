@@ -5,6 +5,12 @@ evaluate() writes, into one folder: metrics.json, report.html and the PNGs the p
 confidently wrong images, Grad-CAM heatmaps, the first layer's filters and feature maps at three
 depths before and after fine-tuning; with images of none of the classes, how the in-class score
 tells them apart). The page needs no network: its images are files beside it.
+
+A multi-label model (a sigmoid per label) is judged by each label's decision, its calibrated
+probability at or above the label's threshold: per-label precision, recall, F1 and average
+precision, micro and macro F1, mean average precision, subset accuracy and Hamming loss, a
+per-label chart in place of the confusion matrix, the most confidently wrong labels and
+Grad-CAM per predicted label.
 """
 
 import concurrent.futures
@@ -61,15 +67,12 @@ def other_images(folder):
 
 def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=None, tta=None,
                     unknown=None):
-    """Evaluate on a folder's images: <class>/ folders, a label file or file-name labels;
-    returns the output folder (default: the run directory, or the .keras file's folder).
+    """Evaluate on a folder's images: <class>/ folders, a label file or file-name labels (for
+    a multi-label model, a label file whose rows may hold several labels); returns the output
+    folder (default: the run directory, or the .keras file's folder).
 
     unknown: a folder of images of none of the classes, to measure the in-class score on."""
-    from dataclasses import astuple
-
-    from transfer.data import as_split
-    from transfer.layouts import check_layout, find_layout, resolve
-    from transfer.model import is_multi_label
+    from transfer.layouts import resolve
     from transfer.runs import load_run_model, tta_flip
 
     model, classes, run_dir = load_run_model(model_path)
@@ -80,26 +83,36 @@ def evaluate_folder(model_path, folder, output=None, labels=None, label_pattern=
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist; expected {folder}/<class>/*.jpg with "
                                 f"the model's classes ({', '.join(classes)}).")
-    multi_label = is_multi_label(model)
-    reports = check_layout(find_layout(folder, labels, label_pattern, classes,
-                                       multi_label=multi_label), False)
-    if multi_label:  # each image once, with its multi-hot labels
-        paths = [pair for report in reports
-                 for pair in zip(*astuple(as_split(report, classes, multi_label=True)))]
-    else:
-        paths = [(str(p), classes.index(c)) for report in reports for c in classes
-                 for p in report.good[c]]
-    set_aside = [item for report in reports for item in report.bad]
+    paths, targets, set_aside = _folder_images(model, classes, folder, labels, label_pattern)
     for path, reason in set_aside:
         log.warning("Set aside %s: %s", path, reason)
     others = other_images(unknown) if unknown is not None else None
     model_path = Path(model_path)
     target = (Path(output) if output
               else run_dir or (model_path if model_path.is_dir() else model_path.parent))
-    evaluate(model, classes, [p for p, _ in paths], [l for _, l in paths], target,
-             run_dir=run_dir, set_aside=set_aside, split=f"{folder.resolve().name}/",
-             flips=tta_flip(run_dir, tta), unknown=others)
+    evaluate(model, classes, paths, targets, target, run_dir=run_dir, set_aside=set_aside,
+             split=f"{folder.resolve().name}/", flips=tta_flip(run_dir, tta), unknown=others)
     return target
+
+
+def _folder_images(model, classes, folder, labels, label_pattern):
+    """(paths, their labels, the files set aside) of a folder's checked layout: class indices,
+    or for a multi-label model multi-hot rows."""
+    from transfer.data import as_split
+    from transfer.layouts import check_layout, find_layout
+    from transfer.model import is_multi_label
+
+    if not is_multi_label(model):
+        reports = check_layout(find_layout(folder, labels, label_pattern, classes), False)
+        pairs = [(str(p), classes.index(c)) for report in reports for c in classes
+                 for p in report.good[c]]
+    else:
+        reports = check_layout(find_layout(folder, labels, label_pattern, classes,
+                                           multi_label=True), False)
+        splits = [as_split(report, classes, multi_label=True) for report in reports]
+        pairs = [pair for split in splits for pair in zip(split.paths, split.labels)]
+    set_aside = [item for report in reports for item in report.bad]
+    return [p for p, _ in pairs], [label for _, label in pairs], set_aside
 
 
 def predict_files(model, paths, batch_size=32):
@@ -117,17 +130,58 @@ def predict_files(model, paths, batch_size=32):
 
 
 def accuracy(model, paths, labels, flips="none", calibration=None):
-    """The share of images classified right; for a multi-label model, with every label right
-    (subset accuracy), each decided by the calibration's threshold."""
-    from transfer.model import scored
+    """The share of `paths` classified right: the top class is the label, or for a
+    multi-label model every label's decision is (subset accuracy; `calibration`'s
+    probabilities and thresholds, None: temperature 1 and 0.5 for every label)."""
+    from transfer.model import is_multi_label, scored
 
-    probabilities = predict_files(scored(model, calibration, flips), paths)[1]["probabilities"]
+    if is_multi_label(model):
+        calibration = model_calibration(model, calibration)
+        probabilities = predict_files(scored(model, calibration, flips),
+                                      paths)[1]["probabilities"]
+        truth = multi_hot(labels, probabilities.shape[1])
+        return float((decisions_of(probabilities, calibration) == truth).all(axis=1).mean())
+    probabilities = predict_files(scored(model, flip=flips), paths)[1]["probabilities"]
+    return float((probabilities.argmax(axis=1) == np.asarray(labels)).mean())
+
+
+def model_calibration(model, calibration):
+    """`calibration` (a run's, or None) checked against `model`; a multi-label model's
+    uncalibrated one is the sigmoids at temperature 1, scored by the joint energy, every
+    label decided at 0.5."""
+    from transfer import calibrate
+    from transfer.model import is_multi_label
+
+    multi = is_multi_label(model)
+    if calibration is None or (multi and calibration == calibrate.Calibration()):
+        return (calibrate.Calibration(score=calibrate.MULTI_LABEL_SCORE, multi_label=True)
+                if multi else calibrate.Calibration())
+    if calibration.multi_label != multi:
+        kinds = ("single-label (softmax)", "multi-label (sigmoid)")
+        raise ValueError(f"The model is {kinds[multi]} but its calibration is "
+                         f"{kinds[calibration.multi_label]}; calibration.json belongs to "
+                         "another run. Evaluate the run directory the model came from.")
+    return calibration
+
+
+def multi_hot(labels, count):
+    """Multi-hot labels [N, count] as booleans; ValueError unless they have that shape."""
     labels = np.asarray(labels)
-    if labels.ndim == 2:
-        thresholds = (calibration.decision_thresholds(labels.shape[1]) if calibration
-                      else 0.5)
-        return float(((probabilities >= thresholds) == (labels > 0)).all(axis=1).mean())
-    return float((probabilities.argmax(axis=1) == labels).mean())
+    if labels.ndim != 2 or labels.shape[1] != count:
+        raise ValueError(f"A multi-label model's labels are multi-hot rows of 0s and 1s, one "
+                         f"column per label ({count}); received an array of shape "
+                         f"{labels.shape}. Give each image's row of its {count} labels.")
+    return labels > 0
+
+
+def decisions_of(probabilities, calibration):
+    """A multi-label model's decisions [N, C]: each label's calibrated probability at or
+    above its threshold."""
+    thresholds = calibration.decision_thresholds(probabilities.shape[1])
+    if thresholds.shape != probabilities.shape[1:]:
+        raise ValueError(f"The calibration has {len(thresholds)} label thresholds for a model "
+                         f"of {probabilities.shape[1]} labels; calibrate the run again.")
+    return probabilities >= thresholds
 
 
 def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
@@ -140,11 +194,11 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
     flips: the logits average each image with its mirror images of these flips (model.scored);
     "none", the image alone. The probabilities are calibrated by the run's calibration.json
     (none: temperature 1, nothing rejected). unknown: Others, images of none of the classes.
+    For a multi-label model labels are multi-hot rows [N, C], each label decided by its
+    calibrated probability at or above the calibration's threshold for it.
     predictions: (images, outputs) of `paths` as predict_files gives them for this scoring,
     when the caller has them already (training's calibration, on the validation images).
     """
-    from sklearn.metrics import confusion_matrix, roc_auc_score
-
     from transfer import calibrate
     from transfer.model import scored
 
@@ -152,17 +206,31 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
         raise ValueError("No readable images to evaluate on; expected <folder>/<class>/*.jpg.")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    calibration = calibrate.read(run_dir)
+    calibration = model_calibration(model, calibrate.read(run_dir))
+    labels = (multi_hot(labels, len(classes)).astype(int) if calibration.multi_label
+              else np.asarray(labels))
+    if not calibration.multi_label and labels.ndim != 1:
+        raise ValueError(f"A single-label model's labels are class indices [images]; received "
+                         f"an array of shape {labels.shape}. Multi-hot labels need a model "
+                         "trained with --multi-label.")
     scoring = scored(model, calibration, flips, raw=True)
     images, outputs = predictions or predict_files(scoring, paths)
     probabilities = outputs["probabilities"]
-    labels = np.asarray(labels)
-    if labels.ndim == 2:  # a multi-label model's multi-hot labels
-        metrics, figures, samples = _label_results(model, classes, paths, labels, images,
-                                                   probabilities, calibration, output)
-        return _report(model, classes, paths, labels, images, outputs, output, run_dir,
-                       set_aside, split, test_accuracy, flips, unknown, scoring, calibration,
-                       metrics, figures, samples)
+    metrics, figures, explained = (
+        _label_results(classes, paths, labels, images, probabilities, calibration, output)
+        if calibration.multi_label
+        else _class_results(classes, paths, labels, images, probabilities, output))
+    return _report(model, classes, paths, labels, images, outputs, output, run_dir, set_aside,
+                   split, test_accuracy, flips, unknown, scoring, calibration, metrics, figures,
+                   explained)
+
+
+def _class_results(classes, paths, labels, images, probabilities, output):
+    """A single-label model's part of evaluate(): (metrics, figures, what Grad-CAM shows),
+    the top class the prediction. Per class and their macro average by class_scores, the
+    confusion matrix, ROC AUC for two classes, the most confidently wrong images."""
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
     predicted = probabilities.argmax(axis=1)
     per_class, macro = class_scores(labels, predicted, classes)
     matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
@@ -192,9 +260,7 @@ def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
                  [f"{'right' if labels[i] == predicted[i] else 'WRONG'}: {classes[predicted[i]]} "
                   f"{confidence[i]:.2f}\ntrue {classes[labels[i]]}" for i in samples],
                  right[0] if len(right) else 0)
-    return _report(model, classes, paths, labels, images, outputs, output, run_dir, set_aside,
-                   split, test_accuracy, flips, unknown, scoring, calibration, metrics, figures,
-                   explained)
+    return metrics, figures, explained
 
 
 def _report(model, classes, paths, labels, images, outputs, output, run_dir, set_aside, split,
@@ -238,57 +304,42 @@ def _report(model, classes, paths, labels, images, outputs, output, run_dir, set
                  before_note=None if before is not None else
                  "the backbone's original weights could not be loaded, so only the trained "
                  "model's feature maps are shown")
-    auc = metrics["roc_auc"]
     log.info("Evaluation on %d %s images: %saccuracy %.4f%s, ECE %.4f -> %.4f%s. Report: %s",
              len(paths), split, "subset " if metrics.get("multi_label") else "",
-             metrics["accuracy"],
-             f", ROC AUC {auc:.4f}" if auc is not None else
-             f", micro F1 {metrics['micro_f1']:.4f}, macro F1 {metrics['macro_f1']:.4f}, mAP "
-             f"{metrics['mean_average_precision']:.4f}" if metrics.get("multi_label") else "",
+             metrics["accuracy"], _log_figures(metrics),
              metrics["calibration"]["ece_before"], metrics["calibration"]["ece_after"],
              f"; unknown images: AUROC {metrics['unknown']['auroc']:.4f}" if unknown else "",
              output / "report.html")
     return metrics
 
 
-def _label_results(model, classes, paths, labels, images, probabilities, calibration, output):
+def _log_figures(metrics):
+    """The log line's figures after the accuracy: ROC AUC, or a multi-label model's F1s and
+    mean average precision."""
+    if metrics.get("multi_label"):
+        average = metrics["mean_average_precision"]
+        return (f", micro F1 {metrics['micro_f1']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
+                f"mAP {'undefined' if average is None else f'{average:.4f}'}")
+    return f", ROC AUC {metrics['roc_auc']:.4f}" if metrics["roc_auc"] is not None else ""
+
+
+def _label_results(classes, paths, labels, images, probabilities, calibration, output):
     """A multi-label model's part of evaluate(): (metrics, figures, what Grad-CAM shows).
 
-    Each label is decided by its threshold. Per label: precision, recall, F1, average
-    precision (None for a label none of these images carries) and support; micro and macro
-    F1 (macro over the labels carried or predicted), mean average precision, subset accuracy
-    (every label of the image right: "accuracy") and Hamming loss, by scikit-learn. The
-    most confidently wrong labels are the image-label decisions furthest from the truth."""
-    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, hamming_loss
-
+    Each label is decided by its threshold; the figures are label_scores'. The most
+    confidently wrong labels are the (image, label) decisions furthest from the truth: labels
+    given a high probability that the image lacks, carried ones given a low one."""
     thresholds = calibration.decision_thresholds(len(classes))
-    decided = (probabilities >= thresholds).astype(int)
-    per_label, macro = {}, []
-    for c, name in enumerate(classes):
-        report = class_scores(labels[:, c], decided[:, c], ["no", name])[0][name]
-        present = bool(labels[:, c].any())
-        per_label[name] = report | {
-            "average_precision": float(average_precision_score(labels[:, c],
-                                                               probabilities[:, c]))
-            if present else None, "threshold": float(thresholds[c])}
-        if present or decided[:, c].any():
-            macro.append(c)
-    precisions = [m["average_precision"] for m in per_label.values()
-                  if m["average_precision"] is not None]
+    decided = decisions_of(probabilities, calibration).astype(int)
+    per_label, summary = label_scores(labels, decided, probabilities, classes, thresholds)
     distance = np.abs(labels - probabilities)
     wrong = np.argwhere(decided != labels)  # (image, label) pairs
     wrong = wrong[np.argsort(-distance[wrong[:, 0], wrong[:, 1]], kind="stable")][:GALLERY]
     metrics = {
-        "multi_label": True, "accuracy": float(accuracy_score(labels, decided)),
-        "subset_accuracy": float(accuracy_score(labels, decided)),
-        "hamming_loss": float(hamming_loss(labels, decided)),
-        "micro_f1": float(f1_score(labels, decided, average="micro", zero_division=0)),
-        "macro_f1": float(f1_score(labels[:, macro], decided[:, macro], average="macro",
-                                   zero_division=0)) if macro else 0.0,
-        "mean_average_precision": float(np.mean(precisions)) if precisions else None,
+        "multi_label": True, "accuracy": summary["subset_accuracy"], **summary,
         "roc_auc": None, "classes": classes, "per_label": per_label,
         "most_confidently_wrong": [
-            {"path": paths[i], "label": classes[c], "carried": bool(labels[i, c]),
+            {"path": paths[i], "label": classes[c], "truth": bool(labels[i, c]),
              "probability": float(probabilities[i, c]),
              "predicted": [classes[k] for k in np.flatnonzero(decided[i])]} for i, c in wrong]}
     figures = {"per_label": plot_per_label(per_label, output / "per_label.png")}
@@ -298,31 +349,70 @@ def _label_results(model, classes, paths, labels, images, probabilities, calibra
             [f"{classes[c]} {probabilities[i, c]:.2f}\n"
              f"{'carried, missed' if labels[i, c] else 'not carried'}" for i, c in wrong],
             output / "top_losses.png")
-    pairs = [(i, c) for i in range(min(len(paths), GRADCAM_SAMPLES))
-             for c in np.flatnonzero(decided[i])]  # an image once per label predicted
+    shown = np.flatnonzero(decided.any(axis=1))[:GRADCAM_SAMPLES]
+    pairs = [(i, c) for i in shown  # an image once per label predicted, likeliest first
+             for c in sorted(np.flatnonzero(decided[i]), key=lambda c: -probabilities[i, c])]
+    right = np.flatnonzero((decided == labels).all(axis=1))
     explained = (np.asarray([i for i, _ in pairs], dtype=int),
                  np.asarray([c for _, c in pairs], dtype=int),
                  [f"{classes[c]} {probabilities[i, c]:.2f}\n"
                   f"{'carried' if labels[i, c] else 'WRONG: not carried'}" for i, c in pairs],
-                 0)
+                 right[0] if len(right) else 0)
     return metrics, figures, explained
 
 
+def label_scores(labels, decided, probabilities, classes, thresholds):
+    """({label: precision, recall, f1-score, support, average_precision, threshold}, the
+    summary: micro_f1, macro_f1, mean_average_precision, subset_accuracy, hamming_loss) of
+    multi-hot labels, 0/1 decisions and probabilities [N, C], by scikit-learn.
+
+    As in class_scores, a label these images lack and that is never predicted has None for
+    its scores and is left out of the macro F1. Its average precision is None whenever the
+    images lack it (undefined without positives); the mean is over the labels that have one.
+    """
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, hamming_loss
+
+    labels, decided = np.asarray(labels), np.asarray(decided)
+    per_label = {}
+    for c, name in enumerate(classes):
+        carried = bool(labels[:, c].any())
+        per_label[name] = class_scores(labels[:, c], decided[:, c], ["not", name])[0][name] | {
+            "average_precision": float(average_precision_score(labels[:, c],
+                                                               probabilities[:, c]))
+            if carried else None, "threshold": float(thresholds[c])}
+    present = np.flatnonzero(labels.any(axis=0) | decided.any(axis=0))
+    precisions = [m["average_precision"] for m in per_label.values()
+                  if m["average_precision"] is not None]
+    return per_label, {
+        "subset_accuracy": float(accuracy_score(labels, decided)),
+        "micro_f1": float(f1_score(labels, decided, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(labels[:, present], decided[:, present], average="macro",
+                                   zero_division=0)) if len(present) else 0.0,
+        "mean_average_precision": float(np.mean(precisions)) if precisions else None,
+        "hamming_loss": float(hamming_loss(labels, decided))}
+
+
 def plot_per_label(per_label, path):
-    """Bars of each label's precision, recall, F1 and average precision."""
+    """Bars of each label's precision, recall, F1 and average precision (none for a figure
+    that is None); label names up to 100, the figure never wider than 20 inches."""
     plt = _pyplot()
     names = list(per_label)
     keys = (("precision", "precision"), ("recall", "recall"), ("f1-score", "F1"),
             ("average_precision", "AP"))
-    figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(names)), 3.5))
+    figure, axes = plt.subplots(figsize=(min(max(6, 1.2 * len(names)), 20), 3.5))
     width = 0.8 / len(keys)
     for k, (key, title) in enumerate(keys):
-        values = [per_label[name][key] or 0 for name in names]
+        values = [np.nan if per_label[name][key] is None else per_label[name][key]
+                  for name in names]
         axes.bar(np.arange(len(names)) + (k - 1.5) * width, values, width, label=title)
-    axes.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+    if len(names) <= 100:
+        axes.set_xticks(np.arange(len(names)), names, rotation=30, ha="right",
+                        fontsize=10 if len(names) <= 30 else 5)
     axes.set_ylim(0, 1.05)
+    axes.grid(alpha=0.3, axis="y")
     axes.legend(loc="lower right", fontsize="small")
     axes.set_title("Per label, each decided by its threshold")
+    figure.tight_layout()
     return _save(figure, path)
 
 
@@ -333,13 +423,11 @@ def calibration_metrics(calibration, outputs, labels):
     from transfer import calibrate
 
     logits, probabilities = outputs["logits"], outputs["probabilities"]
-    multi_label = np.ndim(labels) == 2
-    before = calibrate.probabilities_of(logits, multi_label)
+    before = calibrate.probabilities_of(logits, calibration.multi_label)
     # The model's own score, so the shares are those predict --reject gives.
     kept = outputs["score"] >= calibration.threshold
-    if multi_label:  # every label right
-        decided = probabilities >= calibration.decision_thresholds(probabilities.shape[1])
-        correct = (decided == (np.asarray(labels) > 0)).all(axis=1)
+    if calibration.multi_label:  # every label right
+        correct = (decisions_of(probabilities, calibration) == (labels > 0)).all(axis=1)
     else:
         correct = probabilities.argmax(axis=1) == labels
     return {**calibration.to_dict(),
@@ -469,11 +557,12 @@ def plot_reliability(calibration, path):
         axis.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
         axis.set_xlim(0, 1)
         axis.set_ylim(0, 1)
-        axis.set_xlabel("confidence (largest probability)")
+        axis.set_xlabel("each label's probability" if calibration.get("multi_label")
+                        else "confidence (largest probability)")
         axis.set_title(f"{title}: ECE {calibration[f'ece_{stage}']:.3f}")
         axis.grid(alpha=0.3)
         axis.legend(loc="upper left", fontsize=8)
-    axes[0].set_ylabel("accuracy")
+    axes[0].set_ylabel("share carried" if calibration.get("multi_label") else "accuracy")
     figure.tight_layout()
     return _save(figure, path)
 
@@ -629,7 +718,13 @@ def write_report(metrics, figures, path, before_note=None):
     sections = {
         "confusion_matrix": ("Confusion matrix", "Where it fails: counts, and each true class's "
                                                  "row as rates."),
-        "reliability": ("Calibration", "Accuracy against confidence in equal-width bins: "
+        "per_label": ("Per label", "Precision, recall, F1 and average precision of each label, "
+                                   "decided by its own threshold (chosen for its F1 on the "
+                                   "validation images; 0.5 where they lack the label)."),
+        "reliability": ("Calibration", ("The share of labels carried against each label's "
+                                        "probability" if multi_label else
+                                        "Accuracy against confidence")
+                        + " in equal-width bins: "
                         f"expected calibration error {calibration['ece_before']:.3f} at "
                         f"temperature 1, {calibration['ece_after']:.3f} at the run's "
                         f"temperature {calibration['temperature']:.3g}. On the diagonal, a "
@@ -639,18 +734,11 @@ def write_report(metrics, figures, path, before_note=None):
                                                      "dashed line is the run's threshold."),
         "learning_curves": ("Learning curves", "Both phases; the dashed line is where "
                                                "fine-tuning starts."),
-        "per_label": ("Per label", "Each label decided by its own threshold (chosen for its "
-                                   "F1 on the validation images)."),
-        "top_losses": ("Most confidently wrong labels" if multi_label else
-                       "Most confidently wrong",
-                       ("The label decisions furthest from the truth: labels given with a high "
-                        "probability that the image does not carry, and carried labels given a "
-                        "low one." if multi_label else "The mistakes the model was surest of.")
+        "top_losses": ("Most confidently wrong", "The mistakes the model was surest of."
                        if "top_losses" in figures else "No image was classified wrongly."),
-        "gradcam": (("Grad-CAM per predicted label", "Red is where the evidence for each "
-                     "label predicted is, an image once per label.") if multi_label else
-                    ("What it looks at (Grad-CAM)", "Red is where the evidence for the "
-                     "predicted class is: confident right answers, then mistakes.")),
+        "gradcam": ("What it looks at (Grad-CAM)", "Red is where the evidence for the predicted "
+                                                   "class is: confident right answers, then "
+                                                   "mistakes."),
         "filters": ("First-layer filters", "What the first convolution responds to."),
         "feature_maps": ("Feature maps", "One image at an early, a middle and the last "
                                          "convolution: the strongest channels"
@@ -658,6 +746,16 @@ def write_report(metrics, figures, path, before_note=None):
                                             ", before and after training (layers below the "
                                             "fine-tuning cut do not change)") + "."),
     }
+    if multi_label:  # in the same places
+        sections |= {
+            "top_losses": ("Most confidently wrong labels",
+                           "The label decisions furthest from the truth: labels given a high "
+                           "probability that the image does not carry, and carried labels "
+                           "given a low one." if "top_losses" in figures
+                           else "No label was decided wrongly."),
+            "gradcam": ("Grad-CAM per predicted label", "Red is where the evidence for each "
+                                                        "label predicted is: an image once per "
+                                                        "label above its threshold.")}
     shown = [{"id": key.replace("_", "-"), "title": title, "text": text,
               "image": Path(figures[key]).name if key in figures else None}
              for key, (title, text) in sections.items() if key in figures or key == "top_losses"]
