@@ -208,7 +208,6 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
     from transfer.model import backbone_of, count_trainable, set_trainable
 
     run_dir = Path(run_dir)
-    loss, metrics, fit_weights = objective(model, class_weight)
     history = read_history(run_dir / "history.csv")
     state = read_state(run_dir)
     completed = state.get("completed", [])
@@ -225,6 +224,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         set_trainable(backbone_of(model), phase.unfreeze_from)
         fit_model, train_data, val_data, fed = feeds(phase)
         steps = _steps_per_epoch(train_data) if phase.schedule == "cosine" else None
+        loss, metrics, fit_weights = objective(model, class_weight)  # new metrics per compile
         fit_model.compile(optimizer=phase_optimizer(phase, steps), loss=loss, metrics=metrics,
                           jit_compile=jit_compile)
         # Kept until state.json says the phase is done, so no moment loses a finished phase.
