@@ -233,6 +233,14 @@ def test_a_multi_label_run_learns_both_features(multilabel_run):
     calibration = json.loads((run_dir / "calibration.json").read_text())
     assert calibration["multi_label"] and calibration["score"] == "joint_energy"
     assert len(calibration["thresholds"]) == 2
+    page = (run_dir / "test" / "report.html").read_text()
+    assert 'id="per-label"' in page and "Grad-CAM per predicted label" in page
+    assert f"mean average precision <b>{metrics['mean_average_precision']:.3f}</b>" in page
+    for picture in ("per_label.png", "gradcam.png", "reliability.png"):
+        assert (run_dir / "test" / picture).stat().st_size > 1000
+    wrong = metrics["most_confidently_wrong"]  # furthest from the truth first
+    distance = [p["probability"] if not p["truth"] else 1 - p["probability"] for p in wrong]
+    assert distance == sorted(distance, reverse=True)
 
 
 def test_thresholds_are_each_labels_best_f1_on_the_validation_images(multilabel_run):

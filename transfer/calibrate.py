@@ -40,8 +40,8 @@ from transfer.files import write_json, write_npz
 CALIBRATION = "calibration.json"  # in the run directory
 STATISTICS = "calibration.npz"  # beside it: the Mahalanobis score's class means and whitening
 ECE_BINS = 15
-LOGIT_SCORES = ("energy", "max_probability", "joint_energy")
-SCORES = ("mahalanobis", "energy", "max_probability")  # of a single-label model
+LOGIT_SCORES = ("energy", "max_probability")  # a single-label model's scores of its logits
+SCORES = ("mahalanobis", *LOGIT_SCORES)  # of a single-label model
 MULTI_LABEL_SCORES = ("joint_energy", "max_probability")
 SCORE = "mahalanobis"
 MULTI_LABEL_SCORE = "joint_energy"
@@ -205,8 +205,8 @@ def expected_calibration_error(probabilities, labels, bins=ECE_BINS):
 
 
 def scores(logits, temperature=1.0, kind=FALLBACK_SCORE, multi_label=False):
-    """In-class scores [N] of one of LOGIT_SCORES, higher for images more like the training
-    classes."""
+    """In-class scores [N] of one of LOGIT_SCORES or MULTI_LABEL_SCORES, higher for images
+    more like the training classes."""
     if kind == "max_probability":
         return probabilities_of(logits, multi_label, temperature).max(axis=1)
     if kind == "energy":
@@ -215,7 +215,9 @@ def scores(logits, temperature=1.0, kind=FALLBACK_SCORE, multi_label=False):
         return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
     if kind == "joint_energy":
         return np.logaddexp(0, np.asarray(logits, dtype=np.float64)).sum(axis=1)
-    raise ValueError(f"The score must be one of {', '.join(LOGIT_SCORES)} (from logits); "
+    raise ValueError(f"The score must be one of "
+                     f"{', '.join(dict.fromkeys(LOGIT_SCORES + MULTI_LABEL_SCORES))} (from "
+                     "logits); "
                      f"received {kind!r}.")
 
 

@@ -102,15 +102,15 @@ def _folder_images(model, classes, folder, labels, label_pattern):
     from transfer.layouts import check_layout, find_layout
     from transfer.model import is_multi_label
 
-    if not is_multi_label(model):
-        reports = check_layout(find_layout(folder, labels, label_pattern, classes), False)
-        pairs = [(str(p), classes.index(c)) for report in reports for c in classes
-                 for p in report.good[c]]
-    else:
-        reports = check_layout(find_layout(folder, labels, label_pattern, classes,
-                                           multi_label=True), False)
+    multi_label = is_multi_label(model)
+    reports = check_layout(find_layout(folder, labels, label_pattern, classes,
+                                       multi_label=multi_label), False)
+    if multi_label:  # each image once, with its multi-hot row
         splits = [as_split(report, classes, multi_label=True) for report in reports]
         pairs = [pair for split in splits for pair in zip(split.paths, split.labels)]
+    else:
+        pairs = [(str(p), classes.index(c)) for report in reports for c in classes
+                 for p in report.good[c]]
     set_aside = [item for report in reports for item in report.bad]
     return [p for p, _ in pairs], [label for _, label in pairs], set_aside
 

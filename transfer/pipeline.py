@@ -156,7 +156,8 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
                                  calibrate.read(run_dir))
     write_summary(run_dir, history, seconds, test_accuracy)
     Board(run_dir).images({"learning_curves": run_dir / "learning_curves.png",
-                           "confusion_matrix": run_dir / "confusion_matrix.png"},
+                           "confusion_matrix": run_dir / "confusion_matrix.png",
+                           "per_label": run_dir / "per_label.png"},  # whichever the run has
                           step=history[-1]["epoch"])
     if tracking.wanted(cfg):
         tracking.log_run(run_dir)
