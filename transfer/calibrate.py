@@ -95,6 +95,17 @@ class Calibration:
             return np.full(labels, DEFAULT_THRESHOLD, dtype=np.float32)
         return np.asarray(self.thresholds, dtype=np.float32)
 
+    def decisions(self, probabilities):
+        """A multi-label model's decisions [N, C]: each label's calibrated probability at or
+        above its threshold."""
+        probabilities = np.asarray(probabilities)
+        thresholds = self.decision_thresholds(probabilities.shape[1])
+        if thresholds.shape != probabilities.shape[1:]:
+            raise ValueError(f"The calibration has {len(thresholds)} label thresholds for a "
+                             f"model of {probabilities.shape[1]} labels; calibrate the run "
+                             "again.")
+        return probabilities >= thresholds
+
     @classmethod
     def from_dict(cls, values, arrays=None):
         threshold, arrays = values.get("threshold"), arrays or {}

@@ -140,7 +140,7 @@ def accuracy(model, paths, labels, flips="none", calibration=None):
         probabilities = predict_files(scored(model, calibration, flips),
                                       paths)[1]["probabilities"]
         truth = multi_hot(labels, probabilities.shape[1])
-        return float((decisions_of(probabilities, calibration) == truth).all(axis=1).mean())
+        return float((calibration.decisions(probabilities) == truth).all(axis=1).mean())
     probabilities = predict_files(scored(model, flip=flips), paths)[1]["probabilities"]
     return float((probabilities.argmax(axis=1) == np.asarray(labels)).mean())
 
@@ -172,16 +172,6 @@ def multi_hot(labels, count):
                          f"column per label ({count}); received an array of shape "
                          f"{labels.shape}. Give each image's row of its {count} labels.")
     return labels > 0
-
-
-def decisions_of(probabilities, calibration):
-    """A multi-label model's decisions [N, C]: each label's calibrated probability at or
-    above its threshold."""
-    thresholds = calibration.decision_thresholds(probabilities.shape[1])
-    if thresholds.shape != probabilities.shape[1:]:
-        raise ValueError(f"The calibration has {len(thresholds)} label thresholds for a model "
-                         f"of {probabilities.shape[1]} labels; calibrate the run again.")
-    return probabilities >= thresholds
 
 
 def evaluate(model, classes, paths, labels, output, run_dir=None, set_aside=(),
@@ -330,7 +320,7 @@ def _label_results(classes, paths, labels, images, probabilities, calibration, o
     confidently wrong labels are the (image, label) decisions furthest from the truth: labels
     given a high probability that the image lacks, carried ones given a low one."""
     thresholds = calibration.decision_thresholds(len(classes))
-    decided = decisions_of(probabilities, calibration).astype(int)
+    decided = calibration.decisions(probabilities).astype(int)
     per_label, summary = label_scores(labels, decided, probabilities, classes, thresholds)
     distance = np.abs(labels - probabilities)
     wrong = np.argwhere(decided != labels)  # (image, label) pairs
@@ -427,7 +417,7 @@ def calibration_metrics(calibration, outputs, labels):
     # The model's own score, so the shares are those predict --reject gives.
     kept = outputs["score"] >= calibration.threshold
     if calibration.multi_label:  # every label right
-        correct = (decisions_of(probabilities, calibration) == (labels > 0)).all(axis=1)
+        correct = (calibration.decisions(probabilities) == (labels > 0)).all(axis=1)
     else:
         correct = probabilities.argmax(axis=1) == labels
     return {**calibration.to_dict(),

@@ -57,13 +57,13 @@ class Predictor:
         run_dir = path.parent if (path.parent / "config.json").is_file() else None
         calibration = calibrate.read(run_dir)
         predicting = scored(model, calibration, tta_flip(run_dir, tta))
-        decided = calibration.decision_thresholds(len(self.classes))
 
         def predict(images):
             outputs = {key: np.asarray(value)
                        for key, value in predicting(images, training=False).items()}
             return outputs | {"unknown": outputs["score"] < calibration.threshold} | (
-                {"decisions": outputs["probabilities"] >= decided} if self.multi_label else {})
+                {"decisions": calibration.decisions(outputs["probabilities"])}
+                if self.multi_label else {})
 
         self._predict = predict
 
