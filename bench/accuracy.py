@@ -211,7 +211,8 @@ def run_transfer(labels, backbone, seed, scratch, splits, size):
     return judged(lambda split: keras_predictions(model, split), splits, {
         "seed": seed, "train_wall_s": wall, "summary_val_accuracy": summary.get("val_accuracy"),
         "summary_test_accuracy": summary.get("test_accuracy"),
-        "summary_seconds": summary.get("seconds")})
+        "summary_seconds": summary.get("seconds"),
+        "best_phase": summary.get("best_phase")})  # "refit" where the refitted head was kept
 
 
 def run_probe(spec, classes, splits, size, seed):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_BACKBONE, TINY_SIZE
+from transfer.config import PHASES
 
 
 def _accumulated(folder):
@@ -43,7 +44,8 @@ def test_a_run_writes_both_phases_and_its_report_images_for_tensorboard(dataset,
         history = list(csv.DictReader(handle))
     epochs = [int(row["epoch"]) for row in history]
     phases = [row["phase"] for row in history]
-    assert phases == (["head"] if head == "lbfgs" else ["head", "head"]) + ["fine_tune"] * 2
+    assert phases == (["head"] + ["fine_tune"] * 2 + ["refit"] if head == "lbfgs"
+                      else ["head", "head"] + ["fine_tune"] * 2)
 
     board = run_dir / "tensorboard"
     trained, validated = _accumulated(board / "train"), _accumulated(board / "validation")
@@ -55,12 +57,12 @@ def test_a_run_writes_both_phases_and_its_report_images_for_tensorboard(dataset,
             {epoch: float(row[f"val_{key}"]) for epoch, row in zip(epochs, history)}, rel=1e-6)
     # Where each phase begins: a step in "epoch_phase" and one text line per phase.
     assert _scalars(trained, "epoch_phase") == {
-        epoch: float(phase == "fine_tune") for epoch, phase in zip(epochs, phases)}
+        epoch: float(PHASES.index(phase)) for epoch, phase in zip(epochs, phases)}
     texts = {event.step: events_tensor_value(event).item().decode()
              for event in trained.Tensors("phase")}
-    fine_tune_start = epochs[phases.index("fine_tune")]
-    assert texts == {1: "phase head begins at epoch 1",
-                     fine_tune_start: f"phase fine_tune begins at epoch {fine_tune_start}"}
+    starts = {epochs[phases.index(phase)]: phase for phase in dict.fromkeys(phases)}
+    assert texts == {epoch: f"phase {phase} begins at epoch {epoch}"
+                     for epoch, phase in starts.items()}
 
     report = _accumulated(board / "report")
     assert set(report.Tags()["tensors"]) >= {"learning_curves", "confusion_matrix"}

@@ -54,7 +54,13 @@ def test_missing_weights_file_is_reported(tmp_path):
 def test_phases_use_the_table_cut_and_rate_unless_overridden():
     resnet = get_spec("resnet50")
     phases = resolve().phases(resnet)
-    assert [(p.name, p.unfreeze_from) for p in phases] == [("head", None), ("fine_tune", "conv5_")]
+    assert [(p.name, p.unfreeze_from) for p in phases] == [("head", None), ("fine_tune", "conv5_"),
+                                                           ("refit", None)]
+    # the refit: the head solved again after fine-tuning, with a solved head only
+    assert (phases[2].epochs, phases[2].solver) == (0, "lbfgs")
+    assert [p.name for p in resolve({"refit": False}).phases(resnet)] == ["head", "fine_tune"]
+    assert [p.name for p in resolve({"head": "adam"}).phases(resnet)] == ["head", "fine_tune"]
+    assert [p.name for p in resolve({"fine_tune_epochs": 0}).phases(resnet)] == ["head"]
     assert resolve({"fine_tune_from": "conv4_"}).phases(resnet)[1].unfreeze_from == "conv4_"
     # Phase 2's rate: the backbone's row (mobilenetv2's measured 1e-4), unless one is given.
     assert phases[1].learning_rate == FINE_TUNE_LEARNING_RATE == 1e-5

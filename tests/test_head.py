@@ -1,5 +1,7 @@
-"""Phase 1 solved to convergence: the softmax regression on cached features (transfer.head)."""
+"""Phase 1 (and the refit after fine-tuning) solved to convergence: the softmax regression on
+cached features (transfer.head)."""
 
+import csv
 import json
 
 import keras
@@ -79,11 +81,15 @@ def test_training_solves_the_head_on_the_training_views_and_never_sees_test_imag
 
     monkeypatch.setattr(transfer.head, "solve_head", spy)
     root = class_folders(tmp_path / "flowers", per_class=10)
-    run_dir = train(tiny_config(data=str(root), test_split=0.2, fine_tune_epochs=0,
+    run_dir = train(tiny_config(data=str(root), test_split=0.2, fine_tune_epochs=1,
                                 head="lbfgs"), verbose=0)
     _, splits = read_split(run_dir)
-    assert seen == [((2, len(splits["train"])), len(splits["validation"]))]
+    # phase 1 and, after fine-tuning, the refit: each on the training views, chosen on the
+    # validation images
+    assert seen == [((2, len(splits["train"])), len(splits["validation"]))] * 2
     state = json.loads((run_dir / "state.json").read_text())
     assert state["phases"]["head"]["l2_c"] in transfer.head.C_GRID
+    assert state["phases"]["refit"]["l2_c"] in transfer.head.C_GRID
     with open(run_dir / "history.csv") as handle:
-        assert sum(1 for line in handle) == 2  # the header and the head's one solved epoch
+        phases = [row["phase"] for row in csv.DictReader(handle)]
+    assert phases == ["head", "fine_tune", "refit"]  # each solved phase is one epoch

@@ -332,5 +332,5 @@ def test_a_multi_label_run_resumes(multilabel_run, tmp_path):
     write_history(run_dir / "history.csv", head)
     resume(run_dir, verbose=0)
     rows = read_history(run_dir / "history.csv")
-    assert [row["phase"] for row in rows] == ["head"] + ["fine_tune"] * 2
+    assert [row["phase"] for row in rows] == ["head"] + ["fine_tune"] * 2 + ["refit"]
     assert json.loads((run_dir / "summary.json").read_text())["test_accuracy"] >= 0.5

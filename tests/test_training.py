@@ -89,6 +89,47 @@ def _check_phase_two(spec, model, feeds, tmp_path, **settings):
             np.testing.assert_array_equal(a, b)
 
 
+def test_phase_three_solves_the_head_again_on_the_fine_tuned_features_only(
+        tiny_model_and_feeds, tmp_path, monkeypatch):
+    """The refit changes the head's Dense layer and nothing else, is solved on features the
+    fine-tuned layers compute (not phase 1's), and is kept only if it lowers the validation
+    loss; on images (nothing cached) it is skipped."""
+    import transfer.head
+
+    spec, model, feeds = tiny_model_and_feeds
+    # Phase 2 alone first, so that its weights are kept (not rolled back to a phase 1's).
+    phases = [Phase("fine_tune", 2, 1e-2, spec.cut), Phase("refit", 0, 1e-2, None, "lbfgs")]
+    cached = isinstance(feeds, CachedFeeds)
+    frozen = np.array(feeds(phases[1])[1].features[0]) if cached else None  # before phase 2
+    fit_phases(model, phases[:1], feeds, tmp_path, patience=5, verbose=0)
+    before, head = _weights_by_layer(backbone_of(model)), model.get_layer("probabilities")
+    fine_tuned = [w.copy() for w in head.get_weights()]
+    solved = []
+    solve = transfer.head.solve_head
+
+    def spy(layer, train_views, validation_views, *args, **kwargs):
+        solved.append(np.asarray(train_views.features[0]))
+        logs = solve(layer, train_views, validation_views, *args, **kwargs)
+        solved.append([w.copy() for w in layer.get_weights()])
+        return logs
+
+    monkeypatch.setattr(transfer.head, "solve_head", spy)
+    history = fit_phases(model, phases, feeds, tmp_path, patience=5, verbose=0)
+    assert _changed(before, _weights_by_layer(backbone_of(model))) == set()
+    refit = [row for row in history if row["phase"] == "refit"]
+    if cached:
+        assert len(refit) == 1 and refit[0]["epoch"] == history[-2]["epoch"] + 1
+        features, solution = solved
+        assert features.shape == frozen.shape and not np.allclose(features, frozen)
+        earlier = min(row["val_loss"] for row in history if row["phase"] != "refit")
+        kept = solution if refit[0]["val_loss"] < earlier else fine_tuned
+        for now, expected in zip(head.get_weights(), kept):
+            np.testing.assert_array_equal(now, expected)
+    else:
+        assert refit == [] and solved == []
+        assert "refit" in json.loads((tmp_path / "state.json").read_text())["completed"]
+
+
 @pytest.mark.parametrize("tiny_model_and_feeds", ["cached"], indirect=True)
 def test_cosine_schedule_warms_up_for_an_epoch_then_decays_to_zero(tiny_model_and_feeds,
                                                                   tmp_path):

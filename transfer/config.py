@@ -13,12 +13,13 @@ CLASS_WEIGHT_MODES = ("auto", "balanced", "none")
 HEAD_SOLVERS = ("lbfgs", "adam")
 SCHEDULES = ("cosine", "constant")
 WEIGHT_CHOICES = "imagenet | none | PATH to a weights file"
-PHASES = ("head", "fine_tune")  # the phases' names, in order: history.csv's, state.json's
+PHASES = ("head", "fine_tune", "refit")  # the phases' names, in order: history.csv's, state.json's
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One fit: `unfreeze_from` None trains the head only, else fine-tunes from that prefix."""
+    """One fit: `unfreeze_from` None trains the head only, else fine-tunes from that prefix.
+    A solved phase of 0 epochs is solved where the features are cached, else skipped."""
 
     name: str
     epochs: int
@@ -71,6 +72,9 @@ class TrainConfig:
                             SCHEDULES)
     ema: float = setting(0.0, "momentum of an exponential moving average of the weights in "
                               "each Adam phase, which is validated and kept (e.g. 0.99); 0: off")
+    refit: bool = setting(True, "with --head lbfgs, after fine-tuning solve the head again on "
+                                "the fine-tuned backbone's cached features, kept only if it "
+                                "lowers the validation loss")
     fine_tune_from: str | None = setting(None, "layer-name prefix to fine-tune from "
                                                "(default: the backbone table's cut)")
     dropout: float = setting(0.2, "dropout before the head's Dense layer")
@@ -115,7 +119,8 @@ class TrainConfig:
 
     def phases(self, spec):
         """Phase 1 on the frozen backbone, then phase 2 from the backbone's (a BackboneSpec)
-        cut at its rate, or as set, unless it has 0 epochs."""
+        cut at its rate, or as set, unless it has 0 epochs; then with a solved head and
+        `refit`, phase 3: the head solved again on the fine-tuned backbone."""
         phases = [Phase(PHASES[0], self.epochs, self.learning_rate, None, self.head,
                         self.schedule, self.ema)]
         if self.fine_tune_epochs > 0:
@@ -123,6 +128,8 @@ class TrainConfig:
                                 self.fine_tune_learning_rate or spec.fine_tune_learning_rate,
                                 self.fine_tune_from or spec.cut,
                                 schedule=self.schedule, ema=self.ema))
+            if self.refit and self.head == "lbfgs":
+                phases.append(Phase(PHASES[2], 0, self.learning_rate, None, "lbfgs"))
         return phases
 
     def validate(self):

@@ -30,9 +30,10 @@ import numpy as np
 from transfer import distribute
 from transfer.files import atomic_path, write_json
 from transfer.runs import read_history
-from transfer.train import (ADAM_INSTEAD, BEST_WEIGHTS, IMAGE_CACHE, STATE, PhaseTracker,
-                            class_weights, decode_failures_reported, learning_rate,
-                            load_weights, phase_optimizer, read_state, scaled_phases)
+from transfer.train import (ADAM_INSTEAD, BEST_WEIGHTS, IMAGE_CACHE, NOT_SOLVED, STATE,
+                            PhaseTracker, class_weights, decode_failures_reported,
+                            learning_rate, load_weights, phase_optimizer, read_state,
+                            scaled_phases)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ def _fit(strategy, chief, model, cfg, spec, run_dir, scratch, classes, train_spl
     if cfg.cache:
         log.info("Not caching: the feature caches are per process and %d workers share this "
                  "run; the frozen layers run in every step.", workers)
+    for phase in phases:
+        if not phase.epochs:  # solved only, which needs the caches
+            log.info(NOT_SOLVED, phase.name)
+    phases = [phase for phase in phases if phase.epochs]
     feed = Feed(strategy, cfg, model, train_split, val_split,
                 class_weights(cfg, classes, train_split), len(classes), scratch)
     optimizers = {}

@@ -27,6 +27,7 @@ BEST_WEIGHTS = "best.weights.npz"
 STATE = "state.json"
 IMAGE_CACHE = "image_cache"  # decoded images that exceed the memory budget, during training
 ADAM_INSTEAD = "Phase %s is fitted by Adam: solving it needs the cached features."
+NOT_SOLVED = "Phase %s skipped: solving it needs the cached features."
 
 
 def devices(cfg):
@@ -237,6 +238,11 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
                                patience)
         solved = phase.solver == "lbfgs" and isinstance(train_data, Views)
         if phase.solver == "lbfgs" and not solved:
+            if not phase.epochs:  # nothing to step instead
+                log.info(NOT_SOLVED, phase.name)
+                completed.append(phase.name)
+                write_json(run_dir / STATE, {"completed": completed, "phases": timings})
+                continue
             log.info(ADAM_INSTEAD, phase.name)
         log.info("Phase %s: %s trainable weights (%s), %s, on %s%s",
                  phase.name, f"{count_trainable(model):,}",
@@ -248,10 +254,14 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         if solved:
             tracker.set_model(fit_model)
             if not tracker.finished(offset + 1):
+                before = tracker.best_loss
                 logs = solve_head(model.get_layer("probabilities"), train_data, val_data,
                                   class_weight)
                 extra["l2_c"] = logs.pop("l2_c")
                 tracker.on_epoch_end(offset, logs)
+                if tracker.best_loss == before:
+                    log.info("Phase %s not kept: val_loss %.4f, not below %.4f", phase.name,
+                             logs["val_loss"], before)
         elif not tracker.finished(offset + phase.epochs):
             # BackupAndRestore sets this private start epoch and nothing resets it: clear it so
             # only this phase's own checkpoint can move the start past `offset`.
