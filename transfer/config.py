@@ -13,7 +13,8 @@ CLASS_WEIGHT_MODES = ("auto", "balanced", "none")
 HEAD_SOLVERS = ("lbfgs", "adam")
 SCHEDULES = ("cosine", "constant")
 WEIGHT_CHOICES = "imagenet | none | PATH to a weights file"
-PHASES = ("head", "fine_tune", "refit")  # the phases' names, in order: history.csv's, state.json's
+# the phases' names, in order: history.csv's, state.json's
+PHASES = ("head", "fine_tune", "refit")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -505,7 +505,7 @@ def _save(figure, path):
 
 
 def plot_learning_curves(history, path):
-    """Loss and accuracy of both phases on one figure, the phase boundary marked."""
+    """Loss and accuracy of every phase on one figure, the phase boundaries marked."""
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
@@ -722,8 +722,8 @@ def write_report(metrics, figures, path, before_note=None):
         "unknown": ("Images of none of the classes", "The in-class scores of the images "
                                                      "evaluated and of the other images; the "
                                                      "dashed line is the run's threshold."),
-        "learning_curves": ("Learning curves", "Both phases; the dashed line is where "
-                                               "fine-tuning starts."),
+        "learning_curves": ("Learning curves", "Every phase; a dashed line is where the "
+                                               "next one starts."),
         "top_losses": ("Most confidently wrong", "The mistakes the model was surest of."
                        if "top_losses" in figures else "No image was classified wrongly."),
         "gradcam": ("What it looks at (Grad-CAM)", "Red is where the evidence for the predicted "
