@@ -224,6 +224,14 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         started = time.time()
         set_trainable(backbone_of(model), phase.unfreeze_from)
         fit_model, train_data, val_data, fed = feeds(phase)
+        solved = phase.solver == "lbfgs" and isinstance(train_data, Views)
+        if phase.solver == "lbfgs" and not solved:
+            if not phase.epochs:  # nothing to step instead
+                log.info(NOT_SOLVED, phase.name)
+                completed.append(phase.name)
+                write_json(run_dir / STATE, {"completed": completed, "phases": timings})
+                continue
+            log.info(ADAM_INSTEAD, phase.name)
         steps = _steps_per_epoch(train_data) if phase.schedule == "cosine" else None
         loss, metrics, fit_weights = objective(model, class_weight)  # new metrics per compile
         fit_model.compile(optimizer=phase_optimizer(phase, steps), loss=loss, metrics=metrics,
@@ -236,14 +244,6 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
                    or (resumed is not None and row["epoch"] <= resumed)]
         tracker = PhaseTracker(model, phase.name, phase.learning_rate, history, run_dir,
                                patience)
-        solved = phase.solver == "lbfgs" and isinstance(train_data, Views)
-        if phase.solver == "lbfgs" and not solved:
-            if not phase.epochs:  # nothing to step instead
-                log.info(NOT_SOLVED, phase.name)
-                completed.append(phase.name)
-                write_json(run_dir / STATE, {"completed": completed, "phases": timings})
-                continue
-            log.info(ADAM_INSTEAD, phase.name)
         log.info("Phase %s: %s trainable weights (%s), %s, on %s%s",
                  phase.name, f"{count_trainable(model):,}",
                  f"from {phase.unfreeze_from}" if phase.unfreeze_from else "backbone frozen",
