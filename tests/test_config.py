@@ -62,9 +62,11 @@ def test_phases_use_the_table_cut_and_rate_unless_overridden():
     assert [p.name for p in resolve({"head": "adam"}).phases(resnet)] == ["head", "fine_tune"]
     assert [p.name for p in resolve({"fine_tune_epochs": 0}).phases(resnet)] == ["head"]
     assert resolve({"fine_tune_from": "conv4_"}).phases(resnet)[1].unfreeze_from == "conv4_"
-    # Phase 2's rate: the backbone's row (mobilenetv2's measured 1e-4), unless one is given.
+    # Phase 2's rate: the backbone's row (the measured 1e-4 of the two mobilenets the bench
+    # runs), unless one is given.
     assert phases[1].learning_rate == FINE_TUNE_LEARNING_RATE == 1e-5
     assert resolve().phases(get_spec("mobilenetv2"))[1].learning_rate == 1e-4
+    assert resolve().phases(get_spec("mobilenet_025"))[1].learning_rate == 1e-4
     assert resolve({"fine_tune_learning_rate": 3e-6}).phases(
         get_spec("mobilenetv2"))[1].learning_rate == 3e-6
 
