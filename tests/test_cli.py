@@ -31,6 +31,18 @@ def test_a_wrong_cut_fails_before_any_training(dataset, tmp_path, capsys):
     assert not runs.exists()
 
 
+def test_a_deeper_cut_that_is_not_below_the_cut_fails_before_any_training(dataset, tmp_path,
+                                                                          capsys):
+    runs = tmp_path / "runs"
+    assert main(["train", "--data", str(dataset), "--backbone", "vgg16", "--weights", "none",
+                 "--image-size", "32", "--deeper-from", "block5_conv3", "--runs-dir",
+                 str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert "--deeper-from block5_conv3 starts at layer 17 of backbone 'vgg16', not below " \
+           "phase 2's cut block5_ (layer 15)" in err
+    assert not runs.exists()
+
+
 def test_a_wrong_cut_names_the_backbone_as_the_user_named_it(dataset, tmp_path, capsys):
     assert main(["train", "--data", str(dataset), "--backbone", "mobilenet_025", "--weights",
                  "none", "--image-size", "32", "--fine-tune-from", "block9_", "--runs-dir",

@@ -62,6 +62,14 @@ def test_phases_use_the_table_cut_and_rate_unless_overridden():
     assert [p.name for p in resolve({"head": "adam"}).phases(resnet)] == ["head", "fine_tune"]
     assert [p.name for p in resolve({"fine_tune_epochs": 0}).phases(resnet)] == ["head"]
     assert resolve({"fine_tune_from": "conv4_"}).phases(resnet)[1].unfreeze_from == "conv4_"
+    # the deeper phase: off unless asked for; then after phase 2, at its rate and epochs
+    deeper = resolve({"deeper_from": "conv4_"}).phases(resnet)
+    assert [(p.name, p.unfreeze_from) for p in deeper] == [
+        ("head", None), ("fine_tune", "conv5_"), ("deeper", "conv4_"), ("refit", None)]
+    assert (deeper[2].learning_rate, deeper[2].epochs) == (deeper[1].learning_rate,
+                                                           deeper[1].epochs)
+    assert [p.name for p in resolve({"deeper_from": "conv4_", "fine_tune_epochs": 0}).phases(
+        resnet)] == ["head"]
     # Phase 2's rate: the backbone's row (the measured 1e-4 of the two mobilenets the bench
     # runs), unless one is given.
     assert phases[1].learning_rate == FINE_TUNE_LEARNING_RATE == 1e-5

@@ -89,6 +89,50 @@ def _check_phase_two(spec, model, feeds, tmp_path, **settings):
             np.testing.assert_array_equal(a, b)
 
 
+def test_the_deeper_phase_changes_only_layers_after_its_cut_from_one_frozen_pass(
+        dataset, tiny_config, tmp_path):
+    """Phase 2, then the deeper phase from an earlier block: nothing below the deeper cut and
+    no BatchNorm statistic changes, and the images go through the frozen layers once: phase
+    2's features are computed from the deeper cut's cache, as the images would give them."""
+    from transfer.cache import frozen_boundary
+    from transfer.model import image_model
+
+    spec = get_spec(BATCHNORM_BACKBONE)
+    cfg = tiny_config(backbone=BATCHNORM_BACKBONE, augment=False, deeper_from="conv4_block6_")
+    classes = class_names(dataset / "train")
+    model = build_classifier(spec, len(classes), TINY_SIZE, weights="none")
+    splits = {name: split_of(dataset / name, classes) for name in ("train", "validation")}
+    passes = []
+
+    def images(split, augment=False, shuffle=False):
+        passes.append(split)
+        return data.batched(data.decoded(splits[split], TINY_SIZE), 4,
+                            shuffle_seed=0 if shuffle else None)
+
+    phases = [phase for phase in cfg.phases(spec) if phase.unfreeze_from]
+    assert [phase.name for phase in phases] == ["fine_tune", "deeper"]
+    feeds = CachedFeeds(model, cfg, phases, splits["train"], splits["validation"], images,
+                        verbose=0)
+    backbone = backbone_of(model)
+    tensor = frozen_boundary(backbone, spec.cut)[0]
+    expected = image_model(model, tensor).predict(images("validation"), verbose=0)
+    passes.clear()
+    validation = feeds(phases[0])[2].features[0]
+    np.testing.assert_allclose(validation, expected, rtol=1e-2, atol=1e-2)  # float16 cache
+    assert sorted(passes) == ["train", "validation"]
+
+    before = _weights_by_layer(backbone)
+    history = fit_phases(model, phases, feeds, tmp_path, patience=5, verbose=0)
+    changed = _changed(before, _weights_by_layer(backbone))
+    after_deeper_cut = {layer.name for layer in backbone.layers[cut_index(backbone,
+                                                                          "conv4_block6_"):]}
+    batchnorm = {layer.name for layer in backbone.layers
+                 if isinstance(layer, keras.layers.BatchNormalization)}
+    assert changed and changed <= after_deeper_cut - batchnorm
+    assert {row["phase"] for row in history} == {"fine_tune", "deeper"}
+    assert sorted(passes) == ["train", "validation"]  # no second pass over the images
+
+
 def test_phase_three_solves_the_head_again_on_the_fine_tuned_features_only(
         tiny_model_and_feeds, tmp_path, monkeypatch):
     """The refit changes the head's Dense layer and nothing else, is solved on features the

@@ -221,6 +221,7 @@ class CachedFeeds:
     """
 
     def __init__(self, classifier, cfg, phases, train_split, val_split, images, verbose=1):
+        from transfer.backbones import cut_index
         from transfer.data import augmentation
 
         self.classifier, self.cfg, self.images, self.verbose = classifier, cfg, images, verbose
@@ -228,7 +229,9 @@ class CachedFeeds:
         self.augmented = augmentation(cfg) is not None
         self.views = cfg.cache_views if self.augmented else 1  # else all views would be equal
         self.store = FeatureStore(cache_home() / "features", cfg.cache_disk_mb * 2**20)
-        self.cut = next((p.unfreeze_from for p in phases if p.unfreeze_from), None)
+        # The deepest cut's cache serves every phase: the others' features are computed from it.
+        self.cut = min((p.unfreeze_from for p in phases if p.unfreeze_from), default=None,
+                       key=lambda prefix: cut_index(self._backbone(), prefix))
 
     def __call__(self, phase):
         if phase.unfreeze_from is None:
@@ -261,17 +264,27 @@ class CachedFeeds:
                 Views(val, self.splits["validation"].labels, self.cfg.batch_size))
 
     def _below(self, tensor):
-        """(train, validation) outputs of the frozen layers at `tensor`, or None."""
+        """(train, validation) outputs of the frozen layers at `tensor`, or None. Computed
+        from the deepest cut's cache when `tensor` is above it."""
         extractor = image_model(self.classifier, tensor)
         level = f"below {tensor._keras_history.operation.name}"
-        return self._features(level, extractor, extractor, "float16", self._image_batches)
+        deepest = self._deepest()
+        below = self._below(deepest) if deepest is not None and deepest is not tensor else None
+        if below is None:
+            return self._features(level, extractor, extractor, "float16", self._image_batches)
+        return self._features(level, extractor, keras.Model(deepest, tensor), "float16",
+                              _array_batches(below, self.cfg.batch_size))
+
+    def _deepest(self):
+        """The frozen boundary of the deepest cut, or None where there is none."""
+        return frozen_boundary(self._backbone(), self.cut)[0] if self.cut else None
 
     def _pooled(self):
-        """(train, validation) pooled backbone outputs, or None. Computed from phase 2's
-        cache when there is one: one pass through the frozen layers then serves both."""
+        """(train, validation) pooled backbone outputs, or None. Computed from the deepest
+        cut's cache when there is one: one pass through the frozen layers then serves all."""
         classifier = self.classifier
         pooled = keras.Model(classifier.input, classifier.get_layer("pool").output)
-        tensor = frozen_boundary(self._backbone(), self.cut)[0] if self.cut else None
+        tensor = self._deepest()
         below = self._below(tensor) if tensor is not None else None
         if below is None:
             return self._features("pooled", pooled, pooled, "float32", self._image_batches)

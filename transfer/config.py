@@ -14,7 +14,7 @@ HEAD_SOLVERS = ("lbfgs", "adam")
 SCHEDULES = ("cosine", "constant")
 WEIGHT_CHOICES = "imagenet | none | PATH to a weights file"
 # the phases' names, in order: history.csv's, state.json's
-PHASES = ("head", "fine_tune", "refit")
+PHASES = ("head", "fine_tune", "deeper", "refit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,11 @@ class TrainConfig:
                                 "lowers the validation loss")
     fine_tune_from: str | None = setting(None, "layer-name prefix to fine-tune from "
                                                "(default: the backbone table's cut)")
+    deeper_from: str | None = setting(None, "after phase 2, fine-tune again from this deeper "
+                                            "layer-name prefix (e.g. block_13_ for "
+                                            "mobilenetv2), from the best weights at phase 2's "
+                                            "rate, kept only if it lowers the validation loss; "
+                                            "see README (default: off)")
     dropout: float = setting(0.2, "dropout before the head's Dense layer")
     patience: int = setting(3, "early-stopping patience in epochs")
     validation_split: float = setting(0.2, "fraction of the images that validates when "
@@ -120,17 +125,21 @@ class TrainConfig:
 
     def phases(self, spec):
         """Phase 1 on the frozen backbone, then phase 2 from the backbone's (a BackboneSpec)
-        cut at its rate, or as set, unless it has 0 epochs; then with a solved head and
-        `refit`, phase 3: the head solved again on the fine-tuned backbone."""
+        cut at its rate, or as set, unless it has 0 epochs, and again from `deeper_from`,
+        where set; then with a solved head and `refit`, the head solved again on the
+        fine-tuned backbone."""
         phases = [Phase(PHASES[0], self.epochs, self.learning_rate, None, self.head,
                         self.schedule, self.ema)]
         if self.fine_tune_epochs > 0:
-            phases.append(Phase(PHASES[1], self.fine_tune_epochs,
-                                self.fine_tune_learning_rate or spec.fine_tune_learning_rate,
+            rate = self.fine_tune_learning_rate or spec.fine_tune_learning_rate
+            phases.append(Phase(PHASES[1], self.fine_tune_epochs, rate,
                                 self.fine_tune_from or spec.cut,
                                 schedule=self.schedule, ema=self.ema))
+            if self.deeper_from:
+                phases.append(Phase(PHASES[2], self.fine_tune_epochs, rate, self.deeper_from,
+                                    schedule=self.schedule, ema=self.ema))
             if self.refit and self.head == "lbfgs":
-                phases.append(Phase(PHASES[2], 0, self.learning_rate, None, "lbfgs"))
+                phases.append(Phase(PHASES[3], 0, self.learning_rate, None, "lbfgs"))
         return phases
 
     def validate(self):

@@ -46,16 +46,23 @@ def devices(cfg):
 
 
 def build(cfg, spec, num_classes, image_size):
-    """The classifier `cfg` describes, seeded; a fine-tuning cut that names no layer fails here."""
+    """The classifier `cfg` describes, seeded; a fine-tuning cut that names no layer, or a
+    deeper cut that is not below phase 2's, fails here."""
     from transfer.backbones import cut_index
     from transfer.model import backbone_of, build_classifier
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(spec, num_classes, image_size, cfg.weights, cfg.dropout,
                              bool(cfg.multi_label))
-    for phase in cfg.phases(spec):
-        if phase.unfreeze_from:
-            cut_index(backbone_of(model), phase.unfreeze_from, spec.name)
+    cuts = {phase.name: (phase.unfreeze_from,
+                         cut_index(backbone_of(model), phase.unfreeze_from, spec.name))
+            for phase in cfg.phases(spec) if phase.unfreeze_from}
+    if "deeper" in cuts and cuts["deeper"][1] >= cuts["fine_tune"][1]:
+        (deeper, deeper_index), (cut, index) = cuts["deeper"], cuts["fine_tune"]
+        raise ValueError(f"--deeper-from {deeper} starts at layer {deeper_index} of backbone "
+                         f"{spec.name!r}, not below phase 2's cut {cut} (layer {index}). Give "
+                         f"the prefix of an earlier block (`transfer backbones --layers "
+                         f"{spec.name}`), or leave --deeper-from out.")
     return model
 
 
