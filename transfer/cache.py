@@ -229,9 +229,11 @@ class CachedFeeds:
         self.augmented = augmentation(cfg) is not None
         self.views = cfg.cache_views if self.augmented else 1  # else all views would be equal
         self.store = FeatureStore(cache_home() / "features", cfg.cache_disk_mb * 2**20)
-        # The deepest cut's cache serves every phase: the others' features are computed from it.
-        self.cut = min((p.unfreeze_from for p in phases if p.unfreeze_from), default=None,
-                       key=lambda prefix: cut_index(self._backbone(), prefix))
+        # The deepest cut's cache serves every phase: the others' features are computed from it
+        # (None: no phase fine-tunes, or the layers below that cut feed it through no one tensor).
+        cut = min((p.unfreeze_from for p in phases if p.unfreeze_from), default=None,
+                  key=lambda prefix: cut_index(self._backbone(), prefix))
+        self.deepest = frozen_boundary(self._backbone(), cut)[0] if cut else None
 
     def __call__(self, phase):
         if phase.unfreeze_from is None:
@@ -268,23 +270,19 @@ class CachedFeeds:
         from the deepest cut's cache when `tensor` is above it."""
         extractor = image_model(self.classifier, tensor)
         level = f"below {tensor._keras_history.operation.name}"
-        deepest = self._deepest()
+        deepest = self.deepest
         below = self._below(deepest) if deepest is not None and deepest is not tensor else None
         if below is None:
             return self._features(level, extractor, extractor, "float16", self._image_batches)
         return self._features(level, extractor, keras.Model(deepest, tensor), "float16",
                               _array_batches(below, self.cfg.batch_size))
 
-    def _deepest(self):
-        """The frozen boundary of the deepest cut, or None where there is none."""
-        return frozen_boundary(self._backbone(), self.cut)[0] if self.cut else None
-
     def _pooled(self):
         """(train, validation) pooled backbone outputs, or None. Computed from the deepest
         cut's cache when there is one: one pass through the frozen layers then serves all."""
         classifier = self.classifier
         pooled = keras.Model(classifier.input, classifier.get_layer("pool").output)
-        tensor = self._deepest()
+        tensor = self.deepest
         below = self._below(tensor) if tensor is not None else None
         if below is None:
             return self._features("pooled", pooled, pooled, "float32", self._image_batches)

@@ -54,15 +54,15 @@ def build(cfg, spec, num_classes, image_size):
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(spec, num_classes, image_size, cfg.weights, cfg.dropout,
                              bool(cfg.multi_label))
-    cuts = {phase.name: (phase.unfreeze_from,
-                         cut_index(backbone_of(model), phase.unfreeze_from, spec.name))
-            for phase in cfg.phases(spec) if phase.unfreeze_from}
-    if "deeper" in cuts and cuts["deeper"][1] >= cuts["fine_tune"][1]:
-        (deeper, deeper_index), (cut, index) = cuts["deeper"], cuts["fine_tune"]
-        raise ValueError(f"--deeper-from {deeper} starts at layer {deeper_index} of backbone "
-                         f"{spec.name!r}, not below phase 2's cut {cut} (layer {index}). Give "
-                         f"the prefix of an earlier block (`transfer backbones --layers "
-                         f"{spec.name}`), or leave --deeper-from out.")
+    cuts = {phase.name: phase.unfreeze_from for phase in cfg.phases(spec) if phase.unfreeze_from}
+    index = {name: cut_index(backbone_of(model), prefix, spec.name)
+             for name, prefix in cuts.items()}
+    if "deeper" in index and index["deeper"] >= index["fine_tune"]:
+        raise ValueError(f"--deeper-from {cuts['deeper']} starts at layer {index['deeper']} of "
+                         f"backbone {spec.name!r}, not below phase 2's cut {cuts['fine_tune']} "
+                         f"(layer {index['fine_tune']}). Give the prefix of an earlier block "
+                         f"(`transfer backbones --layers {spec.name}`), or leave --deeper-from "
+                         "out.")
     return model
 
 
