@@ -13,7 +13,7 @@ from transfer.cache import CachedFeeds
 from transfer.config import Phase
 from transfer.model import backbone_of, build_classifier, load_model, set_trainable
 from transfer.pipeline import train
-from transfer.train import fit_phases
+from transfer.train import PhaseTracker, fit_phases
 
 
 def _weights_by_layer(backbone):
@@ -131,6 +131,33 @@ def test_the_deeper_phase_changes_only_layers_after_its_cut_from_one_frozen_pass
     assert changed and changed <= after_deeper_cut - batchnorm
     assert {row["phase"] for row in history} == {"fine_tune", "deeper"}
     assert sorted(passes) == ["train", "validation"]  # no second pass over the images
+
+
+def test_a_phase_that_must_beat_the_earlier_ones_stops_after_patience_epochs_that_do_not(
+        tmp_path):
+    """The deeper phase (beat_best) stops after `patience` epochs above the best validation
+    loss of the phases before it, though each improves on its own last; phase 2's rule (its
+    own best) goes on. A tracker rebuilt from history.csv (a resumed run) counts the same."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    earlier = [{"epoch": 1, "phase": "fine_tune", "loss": 0.1, "accuracy": 0.9, "val_loss": 0.10,
+                "val_accuracy": 0.9, "learning_rate": 1e-4}]
+    logs = {"loss": 0.1, "accuracy": 0.9, "val_accuracy": 0.9}
+    losses = [0.30, 0.20, 0.15]  # better and better, none below 0.10
+    for beat_best, stops in ((True, [False, False, True]), (False, [False, False, False])):
+        phase = Phase("deeper", 10, 1e-4, "conv4_", beat_best=beat_best)
+        run_dir = tmp_path / f"beat_best_{beat_best}"
+        run_dir.mkdir()
+        tracker = PhaseTracker(model, phase, earlier, run_dir, patience=3)
+        assert [tracker.record(1 + i, logs | {"val_loss": loss}, 1e-4)
+                for i, loss in enumerate(losses)] == stops
+        resumed = PhaseTracker(model, phase, tracker.history[:-1], run_dir, patience=3)
+        assert resumed.wait == (2 if beat_best else 0)
+        assert resumed.record(3, logs | {"val_loss": losses[-1]}, 1e-4) == stops[-1]
+    # one below the earlier best counts as that phase's best: patience starts again
+    tracker = PhaseTracker(model, Phase("deeper", 10, 1e-4, "conv4_", beat_best=True), earlier,
+                           tmp_path, patience=3)
+    assert [tracker.record(1 + i, logs | {"val_loss": loss}, 1e-4)
+            for i, loss in enumerate([0.3, 0.3, 0.09, 0.3, 0.3, 0.3])] == [False] * 5 + [True]
 
 
 def test_phase_three_solves_the_head_again_on_the_fine_tuned_features_only(

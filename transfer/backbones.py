@@ -27,6 +27,10 @@ class BackboneSpec:
     fine_tune_learning_rate: phase 2's default rate (--fine-tune-learning-rate overrides it):
         FINE_TUNE_LEARNING_RATE, or what bench/accuracy.py measured to be better for this
         backbone (README "Accuracy").
+    deeper_from: name prefix of an earlier block that a third phase fine-tunes from after
+        phase 2, kept only if it lowers the validation loss (--deeper-from overrides it);
+        None: no such phase. Set where bench/accuracy.py measured it to pay (README
+        "Accuracy").
     gradcam_layer: the layer whose output Grad-CAM weighs, the last convolutional block's;
         None means the backbone's own output, which is that block's output in every row but
         VGG's (whose output is pooled once more).
@@ -42,6 +46,7 @@ class BackboneSpec:
     kwargs: tuple = ()  # extra constructor arguments as (key, value) pairs
     gradcam_layer: str | None = None
     fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE
+    deeper_from: str | None = None
 
     def check_size(self, image_size):
         """ValueError unless `image_size` is at least this backbone's minimum."""
@@ -111,10 +116,11 @@ def _weights_help(name, message):
 
 
 def _row(name, constructor, module, preprocessing, default_size, min_size, cut,
-         gradcam_layer=None, fine_tune_learning_rate=FINE_TUNE_LEARNING_RATE, **kwargs):
+         gradcam_layer=None, fine_tune_learning_rate=FINE_TUNE_LEARNING_RATE, deeper_from=None,
+         **kwargs):
     return BackboneSpec(
         name, constructor, module, preprocessing, default_size, min_size, cut,
-        tuple(sorted(kwargs.items())), gradcam_layer, fine_tune_learning_rate,
+        tuple(sorted(kwargs.items())), gradcam_layer, fine_tune_learning_rate, deeper_from,
     )
 
 
@@ -138,11 +144,12 @@ BACKBONES = {
         _row("mobilenet", "MobileNet", "mobilenet", "tf", 224, 32, "conv_dw_12", alpha=1.0),
         _row("mobilenet_050", "MobileNet", "mobilenet", "tf", 224, 32, "conv_dw_12", alpha=0.5),
         # 1e-4 (this row and mobilenetv2's): a lower validation loss than 1e-5 on both data
-        # sets (README "Accuracy").
+        # sets; mobilenetv2's deeper phase from block_13_: a lower one on flowers, and never
+        # kept on cats_dogs (README "Accuracy").
         _row("mobilenet_025", "MobileNet", "mobilenet", "tf", 224, 32, "conv_dw_12",
              fine_tune_learning_rate=1e-4, alpha=0.25),
         _row("mobilenetv2", "MobileNetV2", "mobilenet_v2", "tf", 224, 32, "block_15_",
-             fine_tune_learning_rate=1e-4),
+             fine_tune_learning_rate=1e-4, deeper_from="block_13_"),
         _row("mobilenetv3small", "MobileNetV3Small", "mobilenet_v3", "none", 224, 32,
              "expanded_conv_9_"),
         _row("mobilenetv3large", "MobileNetV3Large", "mobilenet_v3", "none", 224, 32,

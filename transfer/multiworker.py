@@ -186,8 +186,7 @@ class Loop:
         epoch, step = int(self.position[1]), int(self.position[2])
         history = [row for row in history if row["phase"] != phase.name
                    or row["epoch"] <= offset + epoch]
-        tracker = PhaseTracker(model, phase.name, phase.learning_rate, history, run_dir,
-                               patience) if chief else None
+        tracker = PhaseTracker(model, phase, history, run_dir, patience) if chief else None
         if phase.solver == "lbfgs":
             log.info(ADAM_INSTEAD, phase.name)
         log.info("Phase %s: %s trainable weights (%s), %d epochs at learning rate %g, on "

@@ -249,8 +249,7 @@ def fit_phases(model, phases, feeds, run_dir, patience, verbose="auto", class_we
         resumed = _backed_up_epoch(run_dir / "backup" / phase.name)
         history = [row for row in history if row["phase"] != phase.name
                    or (resumed is not None and row["epoch"] <= resumed)]
-        tracker = PhaseTracker(model, phase.name, phase.learning_rate, history, run_dir,
-                               patience)
+        tracker = PhaseTracker(model, phase, history, run_dir, patience)
         log.info("Phase %s: %s trainable weights (%s), %s, on %s%s",
                  phase.name, f"{count_trainable(model):,}",
                  f"from {phase.unfreeze_from}" if phase.unfreeze_from else "backbone frozen",
@@ -306,17 +305,19 @@ class PhaseTracker(keras.callbacks.Callback):
     The best weights saved are the classifier's, whichever model (sharing its layers) is fit.
     """
 
-    def __init__(self, classifier, phase, learning_rate, history, run_dir, patience):
+    def __init__(self, classifier, phase, history, run_dir, patience):
         super().__init__()
         self.classifier = classifier
-        self.phase, self.learning_rate = phase, learning_rate
+        self.phase, self.learning_rate = phase.name, phase.learning_rate
         self.stepped = False  # True once model.fit drives this tracker (not a solved head)
         self.history, self.run_dir, self.patience = list(history), run_dir, patience
         self.board = Board(run_dir)
         self.best_loss = min((row["val_loss"] for row in history), default=math.inf)
-        losses = [row["val_loss"] for row in history if row["phase"] == phase]
-        self.phase_best = min(losses, default=math.inf)
-        self.wait = len(losses) - 1 - losses.index(self.phase_best) if losses else 0
+        losses = [row["val_loss"] for row in history if row["phase"] == phase.name]
+        # the loss whose `patience` epochs without a better one stop the phase
+        self.phase_best = self.best_loss if phase.beat_best else min(losses, default=math.inf)
+        self.wait = (len(losses) - 1 - losses.index(self.phase_best) if self.phase_best in losses
+                     else len(losses))
 
     def finished(self, last_epoch):
         done = [row for row in self.history if row["phase"] == self.phase]
