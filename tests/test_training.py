@@ -288,6 +288,34 @@ def test_training_calibrates_on_the_validation_images(trained_run):  # and predi
     assert np.mean(scores >= stored["threshold"]) == kept
 
 
+@pytest.mark.parametrize("overrides", [{}, {"fine_tune_epochs": 0}, {"deeper_from": "block4_"}])
+def test_calibration_takes_the_validation_outputs_from_the_caches_as_the_images_give_them(
+        tiny_config, monkeypatch, overrides):
+    """With the caches, the calibration reads the validation images' logits and features off
+    the cache the phases validated on (phase 2's, the deeper phase's or the head's), not a
+    second pass over the images; and they are the saved model's outputs for the images."""
+    from transfer import calibrate, evaluate
+    from transfer.model import scored
+    from transfer.runs import read_split
+
+    predict_files = evaluate.predict_files
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the validation images were predicted again")
+
+    monkeypatch.setattr(evaluate, "predict_files", refused)
+    run_dir = train(tiny_config(**overrides), verbose=0)
+    stored = json.loads((run_dir / calibrate.CALIBRATION).read_text())
+    _, splits = read_split(run_dir)
+    outputs = predict_files(scored(load_model(run_dir / "model.keras"), raw=True),
+                            splits["validation"].paths)[1]
+    expected, figures = calibrate.calibrate(outputs, splits["validation"].labels, 0.95)
+    assert stored["nll_before"] == pytest.approx(figures["nll_before"], rel=1e-4, abs=1e-6)
+    assert stored["temperature"] == pytest.approx(expected.temperature, rel=1e-3)
+    assert (stored["score"], stored["threshold"]) == (expected.score, pytest.approx(
+        expected.threshold, rel=1e-3, abs=1e-4))
+
+
 def test_no_validation_folder_makes_a_saved_disjoint_split(tiny_config, dataset, monkeypatch):
     import os
     import shutil

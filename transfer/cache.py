@@ -7,6 +7,10 @@ frozen part's output is computed once for `views` augmented copies of every trai
 view per image per epoch. The models fit here share their layers with the classifier, so the
 classifier that is saved and exported still takes raw images and holds the whole backbone.
 
+Training views are stored in float16 (pooled features in float32); validation images in
+float32, so that the validation losses the run chooses by, and the outputs its calibration and
+report take from the cache, are the classifier's to float32 rounding.
+
 Entries are .npy files in $TRANSFER_CACHE_HOME/features/<key>/, memory-mapped while in use.
 The key hashes all the features depend on (the frozen layers' weights, input size,
 augmentation settings and seed, number of views, and each file's path, size and mtime), so a
@@ -31,7 +35,7 @@ from transfer.model import backbone_of, image_model, pooled_from
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: validation in float32
 ENTRY_OVERHEAD = 4096  # bytes beside the array: the .npy header and key.json
 
 
@@ -233,6 +237,7 @@ class CachedFeeds:
         # (None: no phase fine-tunes, or the layers below that cut feed it through no one tensor).
         cut = min((p.unfreeze_from for p in phases if p.unfreeze_from), default=None,
                   key=lambda prefix: cut_index(self._backbone(), prefix))
+        self.fine_tunes = cut is not None
         self.deepest = frozen_boundary(self._backbone(), cut)[0] if cut else None
 
     def __call__(self, phase):
@@ -251,6 +256,32 @@ class CachedFeeds:
                                   f"exceed the {self.cfg.cache_disk_mb} MB cache budget")
         return (_top_model(self.classifier, tensor), *self._feeds(below),
                 f"cached outputs of the frozen layers below {phase.unfreeze_from}")
+
+    def validation_outputs(self):
+        """The classifier's {"logits", "features"} for the validation images, as
+        model.scored(raw=True) gives them from the images (to float32 rounding), computed from
+        the cache the phases validated on: the top layers' pass over the deepest cut's
+        outputs, or with no fine-tuning the pooled features. None where that is not cached."""
+        from transfer.layers import Logits
+
+        if self.deepest is not None:
+            below = self._below(self.deepest)
+            if below is None:
+                return None
+            top = pooled_from(self.classifier, self.deepest)
+            validation = below[1][0]
+            features = np.concatenate([
+                top.predict_on_batch(np.asarray(validation[i:i + self.cfg.batch_size]))
+                for i in range(0, len(validation), self.cfg.batch_size)])
+        elif not self.fine_tunes:  # the head's own cache, of the frozen backbone
+            pooled = self._pooled()
+            if pooled is None:
+                return None
+            features = np.asarray(pooled[1][0])
+        else:  # the fine-tuned phases ran on images
+            return None
+        logits = Logits(self.classifier.get_layer("probabilities"))(features)
+        return {"logits": keras.ops.convert_to_numpy(logits), "features": features}
 
     def _backbone(self):
         return backbone_of(self.classifier)
@@ -291,7 +322,8 @@ class CachedFeeds:
 
     def _features(self, level, keyed_by, extractor, dtype, batches):
         """(train, validation) arrays of the features at `level`, from the store or computed
-        with extractor over batches(split)(view); None when they exceed the budget.
+        with extractor over batches(split)(view), the training views' in `dtype`;
+        None when they exceed the budget.
 
         keyed_by: the model from images to these features, whose weights the key hashes.
         """
@@ -310,7 +342,9 @@ class CachedFeeds:
                          self.store.root / key)
             else:
                 shape = (views, len(self.splits[split]), *extractor.output_shape[1:])
-                array = self.store.create(key, parts, shape, dtype, lambda out: self._fill(
+                array = self.store.create(key, parts, shape,
+                                          dtype if split == "train" else "float32",
+                                          lambda out: self._fill(
                     out, extractor, batches(split), f"{level} {split}"))
                 if array is None:
                     return None

@@ -115,14 +115,18 @@ def _folder_images(model, classes, folder, labels, label_pattern):
     return [p for p, _ in pairs], [label for _, label in pairs], set_aside
 
 
+def load_images(paths, size):
+    """uint8 images [N, size, size, 3] of image files (a quarter of float32's memory)."""
+    from transfer.images import load_image
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        return np.stack(list(pool.map(lambda path: load_image(path, size), paths)))
+
+
 def predict_files(model, paths, batch_size=32):
     """(uint8 images [N, H, W, 3], the model's outputs for them) of image files: for a
     model.scored model, {"probabilities", "score"[, "logits", "features"]: arrays [N, ...]}."""
-    from transfer.images import load_image
-
-    size = model.input_shape[1]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # uint8: a quarter of float32
-        images = np.stack(list(pool.map(lambda path: load_image(path, size), paths)))
+    images = load_images(paths, model.input_shape[1])
     batches = [model.predict_on_batch(images[i:i + batch_size].astype("float32"))
                for i in range(0, len(images), batch_size)]
     return images, {key: np.concatenate([batch[key] for batch in batches])

@@ -1,4 +1,4 @@
-"""Training on several machines: both phases as one custom loop under MultiWorkerMirroredStrategy.
+"""Training on several machines: the phases as one custom loop under MultiWorkerMirroredStrategy.
 
 Keras 3's model.fit fails under that strategy (keras-team/keras#20585), so each phase runs here
 as TensorFlow's multi-worker guide writes such a loop: every worker reads its own shard of the
@@ -9,7 +9,7 @@ learning rates, early stopping on the validation loss, best weights, a history r
 
 Only the chief writes the run directory: the history, the best weights, the model. The chief
 decides when a phase stops, and every worker follows. A checkpoint of the whole training state
-(weights, both phases' optimizers, where it stands) is saved after every epoch; on SIGTERM,
+(weights, every phase's optimizer, where it stands) is saved after every epoch; on SIGTERM,
 PreemptionCheckpointHandler has every worker save one at the same step and stop with
 distribute.RESTART_STATUS. The chief saves into the run directory, the others into a temporary
 folder removed when they stop, and all of them restore the chief's: the runs directory must be
@@ -41,7 +41,7 @@ CHECKPOINTS = "checkpoints"  # in the run directory: the chief's; every worker r
 
 
 def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose):
-    """Fit both phases on every worker of the current MultiWorkerMirroredStrategy, resuming
+    """Fit the phases on every worker of the current MultiWorkerMirroredStrategy, resuming
     from the chief's checkpoint where there is one; the chief saves model.keras. Returns the
     history (the chief's; the other workers keep none)."""
     import tensorflow as tf

@@ -126,9 +126,10 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
         if cfg.strategy == "multiworker":
             history = multiworker.fit_run(model, cfg, spec, run_dir, classes, splits["train"],
                                           splits["validation"], verbose)
+            cached = None
         else:
-            history = fit_run(model, cfg, spec, run_dir, classes, splits["train"],
-                              splits["validation"], verbose, jit)
+            history, cached = fit_run(model, cfg, spec, run_dir, classes, splits["train"],
+                                      splits["validation"], verbose, jit)
     several = distribute.worker_count(strategy) > 1
     if not distribute.is_chief(strategy):
         log.info("Trained; waiting for the chief to write the model and its reports.")
@@ -139,7 +140,7 @@ def _train_and_evaluate(model, cfg, spec, run_dir, classes, splits, verbose, str
         model = load_model(run_dir / "model.keras")
     plot_learning_curves(history, run_dir / "learning_curves.png")
     seconds = time.time() - started  # training's; the reports after it are not counted
-    validated = calibrate_run(model, run_dir, splits["validation"], cfg.keep)
+    validated = calibrate_run(model, run_dir, splits["validation"], cfg.keep, cached)
     test = splits.get("test")
     test_accuracy = None
     flips = tta_flip(run_dir)
@@ -197,19 +198,24 @@ def _shared_run_dir(strategy, run_dir):
     return run_dir
 
 
-def calibrate_run(model, run_dir, validation, keep):
+def calibrate_run(model, run_dir, validation, keep, outputs=None):
     """Fit the temperature and the unknown-image threshold on the validation images (as the
     run predicts them: with its test-time augmentation) and write calibration.json.
+    outputs: model.scored's raw {"logits", "features"} for them, where training has them
+    (from its caches); else they are predicted from the images.
 
     Returns (the decoded images, model.scored's calibrated outputs for them, raw=True), which
     the validation report takes instead of predicting them again."""
     from transfer import calibrate
-    from transfer.evaluate import predict_files
+    from transfer.evaluate import load_images, predict_files
     from transfer.model import scored
     from transfer.runs import tta_flip
 
-    images, outputs = predict_files(scored(model, flip=tta_flip(run_dir), raw=True),
-                                    validation.paths)
+    if outputs is None:
+        images, outputs = predict_files(scored(model, flip=tta_flip(run_dir), raw=True),
+                                        validation.paths)
+    else:
+        images = load_images(validation.paths, model.input_shape[1])
     calibration, figures = calibrate.calibrate(outputs, validation.labels, keep)
     calibrate.write(run_dir, calibration, figures)
     if "score_fallback" in figures:

@@ -67,9 +67,11 @@ def build(cfg, spec, num_classes, image_size):
 
 
 def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose, jit="auto"):
-    """Fit both phases with model.fit inside the current tf.distribute strategy's scope and
-    save model.keras; returns the history of every epoch. (Several machines train in
-    transfer.multiworker's own loop.)"""
+    """Fit the phases with model.fit inside the current tf.distribute strategy's scope and
+    save model.keras; returns (the history of every epoch, the trained model's raw outputs
+    for the validation images from the caches: CachedFeeds.validation_outputs, or None where
+    they must be predicted from the images). (Several machines train in transfer.multiworker's
+    own loop.)"""
     import tensorflow as tf
 
     from transfer import data
@@ -110,7 +112,10 @@ def fit_run(model, cfg, spec, run_dir, classes, train_split, val_split, verbose,
     with atomic_path(run_dir / "model.keras") as temporary:
         model.save(temporary)
     shutil.rmtree(run_dir / IMAGE_CACHE, ignore_errors=True)
-    return history
+    # with test-time augmentation the mirror images count too, and they are not cached
+    cached = (feeds.validation_outputs() if isinstance(feeds, CachedFeeds) and not cfg.tta
+              else None)
+    return history, cached
 
 
 @contextlib.contextmanager
