@@ -342,9 +342,8 @@ class CachedFeeds:
                          self.store.root / key)
             else:
                 shape = (views, len(self.splits[split]), *extractor.output_shape[1:])
-                array = self.store.create(key, parts, shape,
-                                          dtype if split == "train" else "float32",
-                                          lambda out: self._fill(
+                stored = dtype if split == "train" else "float32"
+                array = self.store.create(key, parts, shape, stored, lambda out: self._fill(
                     out, extractor, batches(split), f"{level} {split}"))
                 if array is None:
                     return None

@@ -4,7 +4,8 @@ tracking store for comparing runs.
 On with --mlflow, or whenever MLFLOW_TRACKING_URI is set (MLflow's own default store
 otherwise). The MLflow run is named after the run directory, in an experiment named after the
 data set: the resolved config as params; every epoch of every phase as metrics at the
-history's epochs ("phase": 0 for the head, 1 for fine-tuning); the final validation and test
+history's epochs ("phase": its index in transfer.config.PHASES: 0 for the head, 1 for
+fine-tuning, 2 for the deeper phase, 3 for the refit); the final validation and test
 figures; the report, the model and the run's records as artifacts. Its id is kept in the run
 directory's mlflow.json, so `transfer export` adds each exported version to the same MLflow
 run. A store that cannot be reached or written is a warning: the run itself is finished and
