@@ -269,10 +269,8 @@ class CachedFeeds:
             if below is None:
                 return None
             top = pooled_from(self.classifier, self.deepest)
-            validation = below[1][0]
-            features = np.concatenate([
-                top.predict_on_batch(np.asarray(validation[i:i + self.cfg.batch_size]))
-                for i in range(0, len(validation), self.cfg.batch_size)])
+            batches = _array_batches(below, self.cfg.batch_size)("validation")(0)
+            features = np.concatenate([top.predict_on_batch(x) for x in batches])
         elif not self.fine_tunes:  # the head's own cache, of the frozen backbone
             pooled = self._pooled()
             if pooled is None:
