@@ -70,18 +70,10 @@ def test_phases_use_the_table_cut_and_rate_unless_overridden():
     assert (deeper[2].learning_rate, deeper[2].epochs) == (deeper[1].learning_rate,
                                                            deeper[1].epochs)
     assert [p.beat_best for p in deeper] == [False, False, True, False]
-    # mobilenetv2's row has one, with its own cut: another cut or "none" turns it off
+    # no row has one: mobilenetv2's default is head, phase 2 and the refit
     mobilenetv2 = get_spec("mobilenetv2")
     assert [(p.name, p.unfreeze_from) for p in resolve().phases(mobilenetv2)] == [
-        ("head", None), ("fine_tune", "block_15_"), ("deeper", "block_13_"), ("refit", None)]
-    assert [p.unfreeze_from for p in resolve({"fine_tune_from": "block_15_"}).phases(
-        mobilenetv2)] == [None, "block_15_", "block_13_", None]
-    assert [p.name for p in resolve({"fine_tune_from": "block_14_"}).phases(mobilenetv2)] == [
-        "head", "fine_tune", "refit"]
-    assert [p.name for p in resolve({"deeper_from": "none"}).phases(mobilenetv2)] == [
-        "head", "fine_tune", "refit"]
-    assert resolve({"deeper_from": "block_12_"}).phases(mobilenetv2)[2].unfreeze_from == \
-        "block_12_"
+        ("head", None), ("fine_tune", "block_15_"), ("refit", None)]
     assert [p.name for p in resolve({"deeper_from": "conv4_", "fine_tune_epochs": 0}).phases(
         resnet)] == ["head"]
     # Phase 2's rate: the backbone's row (the measured 1e-4 of the two mobilenets the bench
