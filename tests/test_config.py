@@ -62,7 +62,7 @@ def test_phases_use_the_table_cut_and_rate_unless_overridden():
     assert [p.name for p in resolve({"head": "adam"}).phases(resnet)] == ["head", "fine_tune"]
     assert [p.name for p in resolve({"fine_tune_epochs": 0}).phases(resnet)] == ["head"]
     assert resolve({"fine_tune_from": "conv4_"}).phases(resnet)[1].unfreeze_from == "conv4_"
-    # the deeper phase: off where the table has none, unless asked for; then after phase 2,
+    # the deeper phase: off unless asked for; then after phase 2,
     # at its rate and epochs, stopping after `patience` epochs that beat no earlier phase
     deeper = resolve({"deeper_from": "conv4_"}).phases(resnet)
     assert [(p.name, p.unfreeze_from) for p in deeper] == [
@@ -70,7 +70,7 @@ def test_phases_use_the_table_cut_and_rate_unless_overridden():
     assert (deeper[2].learning_rate, deeper[2].epochs) == (deeper[1].learning_rate,
                                                            deeper[1].epochs)
     assert [p.beat_best for p in deeper] == [False, False, True, False]
-    # no row has one: mobilenetv2's default is head, phase 2 and the refit
+    # by default, with mobilenetv2 too: the head, phase 2 and the refit
     mobilenetv2 = get_spec("mobilenetv2")
     assert [(p.name, p.unfreeze_from) for p in resolve().phases(mobilenetv2)] == [
         ("head", None), ("fine_tune", "block_15_"), ("refit", None)]

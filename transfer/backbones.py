@@ -27,10 +27,6 @@ class BackboneSpec:
     fine_tune_learning_rate: phase 2's default rate (--fine-tune-learning-rate overrides it):
         FINE_TUNE_LEARNING_RATE, or what bench/accuracy.py measured to be better for this
         backbone (README "Accuracy").
-    deeper_from: name prefix of an earlier block that a third phase fine-tunes from after
-        phase 2, kept only if it lowers the validation loss (--deeper-from overrides it);
-        None: no such phase. Set where bench/accuracy.py measured it to pay (README
-        "Accuracy").
     gradcam_layer: the layer whose output Grad-CAM weighs, the last convolutional block's;
         None means the backbone's own output, which is that block's output in every row but
         VGG's (whose output is pooled once more).
@@ -46,7 +42,6 @@ class BackboneSpec:
     kwargs: tuple = ()  # extra constructor arguments as (key, value) pairs
     gradcam_layer: str | None = None
     fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE
-    deeper_from: str | None = None
 
     def check_size(self, image_size):
         """ValueError unless `image_size` is at least this backbone's minimum."""
@@ -116,11 +111,10 @@ def _weights_help(name, message):
 
 
 def _row(name, constructor, module, preprocessing, default_size, min_size, cut,
-         gradcam_layer=None, fine_tune_learning_rate=FINE_TUNE_LEARNING_RATE, deeper_from=None,
-         **kwargs):
+         gradcam_layer=None, fine_tune_learning_rate=FINE_TUNE_LEARNING_RATE, **kwargs):
     return BackboneSpec(
         name, constructor, module, preprocessing, default_size, min_size, cut,
-        tuple(sorted(kwargs.items())), gradcam_layer, fine_tune_learning_rate, deeper_from,
+        tuple(sorted(kwargs.items())), gradcam_layer, fine_tune_learning_rate,
     )
 
 

@@ -264,10 +264,10 @@ def cmd_backbones(args):
         return
     # Read from the table alone, so it is instant: `transfer inspect NAME` builds one backbone
     # and gives its parameters and FLOPs.
-    print(f"{'name':<18} {'input':>5} {'min':>4} {'preprocess':<10} {'cut':<36} deeper")
+    print(f"{'name':<18} {'input':>5} {'min':>4} {'preprocess':<10} cut")
     for spec in BACKBONES.values():
         print(f"{spec.name:<18} {spec.default_size:>5} {spec.min_size:>4} "
-              f"{spec.preprocessing:<10} {spec.cut:<36} {spec.deeper_from or '-'}")
+              f"{spec.preprocessing:<10} {spec.cut}")
 
 
 def cmd_evaluate(args):

@@ -84,9 +84,8 @@ class TrainConfig:
     deeper_from: str | None = setting(None, "after phase 2, fine-tune again from this earlier "
                                             "layer-name prefix, from the best weights at phase "
                                             "2's rate, kept only if it lowers the validation "
-                                            "loss; none: not at all (default: the backbone "
-                                            "table's with its cut: block_13_ for mobilenetv2, "
-                                            "none for the others; see README)")
+                                            "loss below every earlier epoch's (default: off; "
+                                            "see README)")
     dropout: float = setting(0.2, "dropout before the head's Dense layer")
     patience: int = setting(3, "early-stopping patience in epochs")
     validation_split: float = setting(0.2, "fraction of the images that validates when "
@@ -129,9 +128,9 @@ class TrainConfig:
 
     def phases(self, spec):
         """Phase 1 on the frozen backbone, then phase 2 from the backbone's (a BackboneSpec)
-        cut at its rate, or as set, unless it has 0 epochs, and again from `deeper_from` (by
-        default the backbone's, unless another cut is set); then with a solved head and
-        `refit`, the head solved again on the fine-tuned backbone."""
+        cut at its rate, or as set, unless it has 0 epochs, and again from `deeper_from` where
+        one is set; then with a solved head and `refit`, the head solved again on the
+        fine-tuned backbone."""
         phases = [Phase(PHASES[0], self.epochs, self.learning_rate, None, self.head,
                         self.schedule, self.ema)]
         if self.fine_tune_epochs > 0:
@@ -139,10 +138,8 @@ class TrainConfig:
             phases.append(Phase(PHASES[1], self.fine_tune_epochs, rate,
                                 self.fine_tune_from or spec.cut,
                                 schedule=self.schedule, ema=self.ema))
-            table = spec.deeper_from if self.fine_tune_from in (None, spec.cut) else None
-            deeper = self.deeper_from or table
-            if deeper and deeper != "none":
-                phases.append(Phase(PHASES[2], self.fine_tune_epochs, rate, deeper,
+            if self.deeper_from:
+                phases.append(Phase(PHASES[2], self.fine_tune_epochs, rate, self.deeper_from,
                                     schedule=self.schedule, ema=self.ema, beat_best=True))
             if self.refit and self.head == "lbfgs":
                 phases.append(Phase(PHASES[3], 0, self.learning_rate, None, "lbfgs"))
