@@ -27,7 +27,13 @@ def test_a_wrong_cut_fails_before_any_training(dataset, tmp_path, capsys):
     runs = tmp_path / "runs"
     assert main(["train", "--data", str(dataset), "--backbone", "vgg16", "--weights", "none",
                  "--image-size", "32", "--fine-tune-from", "block9_", "--runs-dir", str(runs)]) == 2
-    assert "No layer of backbone 'vgg16' starts with 'block9_'" in capsys.readouterr().err
+    assert "No layer of backbone 'vgg16' starts with 'block9_'. Give --fine-tune-from" in \
+        capsys.readouterr().err
+    # the deeper phase's cut is named as its own option
+    assert main(["train", "--data", str(dataset), "--backbone", "vgg16", "--weights", "none",
+                 "--image-size", "32", "--deeper-from", "none", "--runs-dir", str(runs)]) == 2
+    assert "No layer of backbone 'vgg16' starts with 'none'. Give --deeper-from" in \
+        capsys.readouterr().err
     assert not runs.exists()
 
 

@@ -170,11 +170,12 @@ def get_spec(name):
         ) from None
 
 
-def cut_index(backbone, prefix, name=None):
+def cut_index(backbone, prefix, name=None, option="--fine-tune-from"):
     """Index in backbone.layers of the first layer whose name starts with `prefix`.
 
     name: the backbone as the user named it, for the message; by default the table's name
     (BackboneSpec.build records it), else Keras's model name (mobilenet_0.25_224).
+    option: the option that gave `prefix`, for the message.
     """
     for index, layer in enumerate(backbone.layers):
         if layer.name.startswith(prefix):
@@ -182,6 +183,6 @@ def cut_index(backbone, prefix, name=None):
     name = name or getattr(backbone, "table_name", None)
     raise ValueError(
         f"No layer of backbone {name or backbone.name!r} starts with {prefix!r}. Give "
-        f"--fine-tune-from a layer-name prefix from `transfer backbones --layers "
+        f"{option} a layer-name prefix from `transfer backbones --layers "
         f"{name or 'NAME'}`."
     )

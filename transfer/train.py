@@ -55,7 +55,8 @@ def build(cfg, spec, num_classes, image_size):
     model = build_classifier(spec, num_classes, image_size, cfg.weights, cfg.dropout,
                              bool(cfg.multi_label))
     cuts = {phase.name: phase.unfreeze_from for phase in cfg.phases(spec) if phase.unfreeze_from}
-    index = {name: cut_index(backbone_of(model), prefix, spec.name)
+    options = {"fine_tune": "--fine-tune-from", "deeper": "--deeper-from"}  # each phase's cut
+    index = {name: cut_index(backbone_of(model), prefix, spec.name, options[name])
              for name, prefix in cuts.items()}
     if "deeper" in index and index["deeper"] >= index["fine_tune"]:
         raise ValueError(f"--deeper-from {cuts['deeper']} starts at layer {index['deeper']} of "
