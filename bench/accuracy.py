@@ -45,6 +45,7 @@ import csv
 import hashlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -376,6 +377,9 @@ def bench_space(name, shared, datasets):
         if not (shared / "datasets" / dataset).is_dir():
             raise SystemExit(f"{shared / 'datasets' / dataset} is missing; see "
                              "../shared/README.md, or give --shared.")
+    # `kill` (SIGTERM) unwinds as Ctrl-C does: subprocess.run kills the `transfer train` it is
+    # waiting on, and the scratch folder goes.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     stdout = sys.stdout
     with tempfile.TemporaryDirectory(prefix=f"{name}-") as scratch:
         scratch = Path(scratch)
