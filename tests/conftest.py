@@ -38,7 +38,11 @@ def pytest_sessionfinish(session, exitstatus):
 # Small and fast at 32 px, and (unlike MobileNets, whose random-init activations vanish) its
 # random-init features differ between images, so outputs and round trips are meaningful.
 TINY_BACKBONE = "vgg16"
+# Phase 2 of the tiny backbone from its last convolution: a third of the default cut's (block5_)
+# 7 million weights, whose updates dominate a tiny run's time on a CPU.
+TINY_CUT = "block5_conv3"
 BATCHNORM_BACKBONE = "resnet50"  # for the phase tests: BatchNorm layers and a named cut
+BATCHNORM_CUT = "conv5_block3_"  # its last block: a third of the default cut's (conv5_) weights
 TINY_SIZE = 32
 
 
@@ -112,7 +116,8 @@ def tiny_config(dataset, tmp_path):
     def build(**overrides):
         settings = dict(data=str(dataset), backbone=TINY_BACKBONE, weights="none",
                         image_size=TINY_SIZE, batch_size=4, epochs=2, fine_tune_epochs=2,
-                        fine_tune_learning_rate=1e-3, runs_dir=str(tmp_path / "runs"),
+                        fine_tune_learning_rate=1e-3, fine_tune_from=TINY_CUT,
+                        runs_dir=str(tmp_path / "runs"),
                         evaluate=False,  # the report has its own tests, on trained_run
                         head="adam")  # epochs of both phases; test_head.py solves the head
         return resolve(None, settings | overrides)

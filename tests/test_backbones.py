@@ -7,17 +7,29 @@ import pytest
 from conftest import KERAS_HOME
 from transfer.backbones import BACKBONES, _weights_help, cut_index, get_spec
 from transfer.layers import preprocessing_layers
+from transfer.model import backbone_of, build_classifier
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
-def test_every_row_builds_at_its_minimum_size_with_its_cut(name):
+def test_every_row_builds_at_its_minimum_size_with_its_cut_and_report_figures(name, tmp_path):
+    """Each backbone built once (the large ones take seconds): its cut, and the report's
+    filters and feature maps drawn from it."""
+    from transfer.evaluate import plot_feature_maps, plot_filters
+
     spec = BACKBONES[name]
-    backbone = spec.build(spec.min_size, weights=None)
+    model = build_classifier(spec, 2, spec.min_size, weights="none")
+    backbone = backbone_of(model)
     assert backbone.input_shape == (None, spec.min_size, spec.min_size, 3)
     start = cut_index(backbone, spec.cut)
     trainable_after_cut = [w for layer in backbone.layers[start:] for w in layer.weights]
     assert 0 < start < len(backbone.layers)
     assert trainable_after_cut, f"{name}: nothing to fine-tune after {spec.cut}"
+
+    assert plot_filters(model, tmp_path / "filters.png") == tmp_path / "filters.png"
+    image = np.random.default_rng(0).uniform(0, 255, (spec.min_size, spec.min_size, 3))
+    plot_feature_maps(model, None, image.astype("float32"), tmp_path / "maps.png")
+    for figure in ("filters.png", "maps.png"):
+        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
     keras.backend.clear_session()
 
 

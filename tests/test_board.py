@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, TINY_SIZE
+from conftest import TINY_BACKBONE, TINY_CUT, TINY_SIZE
 from transfer.config import PHASES
 
 
@@ -37,8 +37,8 @@ def test_a_run_writes_both_phases_and_its_report_images_for_tensorboard(dataset,
 
     cfg = resolve(None, dict(data=str(dataset), backbone=TINY_BACKBONE, weights="none",
                              image_size=TINY_SIZE, batch_size=4, epochs=2, fine_tune_epochs=2,
-                             fine_tune_learning_rate=1e-3, runs_dir=str(tmp_path / "runs"),
-                             head=head, patience=5))
+                             fine_tune_learning_rate=1e-3, fine_tune_from=TINY_CUT,
+                             runs_dir=str(tmp_path / "runs"), head=head, patience=5))
     run_dir = train(cfg, verbose=0)
     with open(run_dir / "history.csv", newline="") as handle:
         history = list(csv.DictReader(handle))

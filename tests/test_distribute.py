@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_SIZE, make_dataset
+from conftest import REPO, TINY_CUT, TINY_SIZE, make_dataset
 
 # Logical devices must be set before TensorFlow starts, so this runs in a fresh process: one
 # training per strategy at the same global batch (8) and learning rate, the final weights saved.
@@ -109,7 +109,7 @@ def test_unknown_strategy_or_precision_names_the_valid_ones():
 # Several machines: each worker a process of the real CLI, with TF_CONFIG on loopback ports.
 WORKER_ARGS = ("--backbone", "vgg16", "--weights", "none", "--image-size", str(TINY_SIZE),
                "--batch-size", "4", "--epochs", "2", "--fine-tune-epochs", "1",
-               "--fine-tune-from", "block5_", "--no-evaluate")
+               "--fine-tune-from", TINY_CUT, "--no-evaluate")
 WORKER_TIMEOUT = 240  # seconds: a run here takes about 30
 RESTART_STATUS = 75
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import TINY_SIZE
-from transfer.backbones import BACKBONES
 from transfer.cli import main
 from transfer.explain import gradcam
 from transfer.images import load_image
@@ -160,23 +159,6 @@ def test_the_report_after_training_lists_the_files_set_aside(dataset, tiny_confi
     run_dir = train(tiny_config(epochs=1, fine_tune_epochs=0, evaluate=True), verbose=0)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [Path(path).name for path, _ in metrics["set_aside"]] == ["broken.jpg"]
-
-
-@pytest.mark.parametrize("name", list(BACKBONES))
-def test_every_backbone_gets_its_filters_and_feature_maps(name, tmp_path):
-    import keras
-
-    from transfer.evaluate import plot_feature_maps, plot_filters
-    from transfer.model import build_classifier
-
-    spec = BACKBONES[name]
-    model = build_classifier(spec, 2, spec.min_size, weights="none")
-    assert plot_filters(model, tmp_path / "filters.png") == tmp_path / "filters.png"
-    image = np.random.default_rng(0).uniform(0, 255, (spec.min_size, spec.min_size, 3))
-    plot_feature_maps(model, None, image.astype("float32"), tmp_path / "maps.png")
-    for figure in ("filters.png", "maps.png"):
-        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
-    keras.backend.clear_session()
 
 
 def test_the_confusion_matrix_stays_a_readable_size_with_many_classes(tmp_path):

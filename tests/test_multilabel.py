@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY_BACKBONE, TINY_SIZE
+from conftest import REPO, TINY_BACKBONE, TINY_CUT, TINY_SIZE
 from transfer import data
 from transfer.cli import main
 from transfer.layouts import check_dataset, find_layout
@@ -205,8 +205,8 @@ def multilabel_run(tmp_path_factory):
     labels = make_multilabel(root / "pictures", count=80)
     cfg = resolve(None, dict(labels=str(labels), backbone=TINY_BACKBONE, weights="none",
                              image_size=TINY_SIZE, batch_size=8, fine_tune_epochs=2,
-                             fine_tune_learning_rate=1e-4, test_split=0.2,
-                             runs_dir=str(root / "runs")))
+                             fine_tune_learning_rate=1e-4, fine_tune_from=TINY_CUT,
+                             test_split=0.2, runs_dir=str(root / "runs")))
     return train(cfg, verbose=0), root / "pictures"
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_SIZE, make_dataset
+from conftest import REPO, TINY_CUT, TINY_SIZE, make_dataset
 from transfer.cli import main
 from transfer.pipeline import resume
 
@@ -23,12 +23,12 @@ def _history(run_dir):
 
 
 @pytest.mark.parametrize("interrupt, after_rows, options", [
-    (signal.SIGINT, 3, []), (signal.SIGKILL, 8, []), (signal.SIGKILL, 8, ["--no-cache"])],
+    (signal.SIGINT, 2, []), (signal.SIGKILL, 6, []), (signal.SIGKILL, 6, ["--no-cache"])],
     ids=["ctrl-c-during-head", "kill-during-fine-tune", "kill-during-fine-tune-no-cache"])
 def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, caplog,
                                                                      interrupt, after_rows,
                                                                      options):
-    dataset = make_dataset(tmp_path / "stripes", per_class=40, validation=8)
+    dataset = make_dataset(tmp_path / "stripes", per_class=16, validation=8)
     runs = tmp_path / "runs"
     # As `python -m transfer`, with Python's own Ctrl-C handler even when these tests run with
     # SIGINT ignored (a shell's background job without job control): the child inherits that.
@@ -36,8 +36,9 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, ca
                "signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(main())",
                "train", "--data", str(dataset),
                "--backbone", "vgg16", "--weights", "none", "--image-size", str(TINY_SIZE),
-               "--batch-size", "8", "--head", "adam", "--epochs", "6",
-               "--fine-tune-epochs", "4", "--patience", "20", "--runs-dir", str(runs), *options]
+               "--batch-size", "8", "--head", "adam", "--epochs", "4", "--fine-tune-epochs", "3",
+               "--fine-tune-from", TINY_CUT, "--patience", "20", "--no-evaluate",
+               "--runs-dir", str(runs), *options]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -64,8 +65,8 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, ca
         else:
             resume(run_dir, verbose=0)
     rows = _history(run_dir)
-    assert [int(row["epoch"]) for row in rows] == list(range(1, 11))
-    assert [row["phase"] for row in rows] == ["head"] * 6 + ["fine_tune"] * 4
+    assert [int(row["epoch"]) for row in rows] == list(range(1, 8))
+    assert [row["phase"] for row in rows] == ["head"] * 4 + ["fine_tune"] * 3
     # What was done before the interruption is kept, not redone (at most one epoch repeats).
     kept = rows_before[:-1]
     assert rows[:len(kept)] == kept

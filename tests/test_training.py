@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BATCHNORM_BACKBONE, TINY_SIZE, make_dataset, split_of
+from conftest import BATCHNORM_BACKBONE, BATCHNORM_CUT, TINY_SIZE, make_dataset, split_of
 from transfer import data
 from transfer.check import class_names
 from transfer.backbones import cut_index, get_spec
@@ -42,7 +42,7 @@ def tiny_model_and_feeds(request, dataset, tiny_config):
 
     if request.param == "images":
         return spec, model, on_images
-    cfg = tiny_config(backbone=BATCHNORM_BACKBONE, augment=False)
+    cfg = tiny_config(backbone=BATCHNORM_BACKBONE, fine_tune_from=BATCHNORM_CUT, augment=False)
     return spec, model, CachedFeeds(model, cfg, cfg.phases(spec), splits["train"],
                                     splits["validation"], images, verbose=0)
 
@@ -73,10 +73,10 @@ def _check_phase_two(spec, model, feeds, tmp_path, **settings):
     backbone = backbone_of(model)
     before = _weights_by_layer(backbone)
     # Phase 2 alone: with a phase before it, weights that lose to that phase are rolled back.
-    history = fit_phases(model, [Phase("fine_tune", 2, 1e-2, spec.cut, **settings)], feeds,
+    history = fit_phases(model, [Phase("fine_tune", 2, 1e-2, BATCHNORM_CUT, **settings)], feeds,
                          tmp_path, patience=5, verbose=0)
     changed = _changed(before, _weights_by_layer(backbone))
-    start = cut_index(backbone, spec.cut)
+    start = cut_index(backbone, BATCHNORM_CUT)
     after_cut = {layer.name for layer in backbone.layers[start:]}
     batchnorm = {layer.name for layer in backbone.layers
                  if isinstance(layer, keras.layers.BatchNormalization)}
@@ -98,7 +98,8 @@ def test_the_deeper_phase_changes_only_layers_after_its_cut_from_one_frozen_pass
     from transfer.model import image_model
 
     spec = get_spec(BATCHNORM_BACKBONE)
-    cfg = tiny_config(backbone=BATCHNORM_BACKBONE, augment=False, deeper_from="conv4_block6_")
+    cfg = tiny_config(backbone=BATCHNORM_BACKBONE, fine_tune_from=BATCHNORM_CUT,
+                      deeper_from="conv5_block2_", augment=False)
     classes = class_names(dataset / "train")
     model = build_classifier(spec, len(classes), TINY_SIZE, weights="none")
     splits = {name: split_of(dataset / name, classes) for name in ("train", "validation")}
@@ -114,7 +115,7 @@ def test_the_deeper_phase_changes_only_layers_after_its_cut_from_one_frozen_pass
     feeds = CachedFeeds(model, cfg, phases, splits["train"], splits["validation"], images,
                         verbose=0)
     backbone = backbone_of(model)
-    tensor = frozen_boundary(backbone, spec.cut)[0]
+    tensor = frozen_boundary(backbone, BATCHNORM_CUT)[0]
     expected = image_model(model, tensor).predict(images("validation"), verbose=0)
     passes.clear()
     validation = feeds(phases[0])[2].features[0]
@@ -125,7 +126,7 @@ def test_the_deeper_phase_changes_only_layers_after_its_cut_from_one_frozen_pass
     history = fit_phases(model, phases, feeds, tmp_path, patience=5, verbose=0)
     changed = _changed(before, _weights_by_layer(backbone))
     after_deeper_cut = {layer.name for layer in backbone.layers[cut_index(backbone,
-                                                                          "conv4_block6_"):]}
+                                                                          "conv5_block2_"):]}
     batchnorm = {layer.name for layer in backbone.layers
                  if isinstance(layer, keras.layers.BatchNormalization)}
     assert changed and changed <= after_deeper_cut - batchnorm
@@ -169,7 +170,7 @@ def test_phase_three_solves_the_head_again_on_the_fine_tuned_features_only(
 
     spec, model, feeds = tiny_model_and_feeds
     # Phase 2 alone first, so that its weights are kept (not rolled back to a phase 1's).
-    phases = [Phase("fine_tune", 2, 1e-2, spec.cut), Phase("refit", 0, 1e-2, None, "lbfgs")]
+    phases = [Phase("fine_tune", 2, 1e-2, BATCHNORM_CUT), Phase("refit", 0, 1e-2, None, "lbfgs")]
     cached = isinstance(feeds, CachedFeeds)
     frozen = np.array(feeds(phases[1])[1].features[0]) if cached else None  # before phase 2
     fit_phases(model, phases[:1], feeds, tmp_path, patience=5, verbose=0)
