@@ -54,11 +54,10 @@ predict: install
 backbones: install
 	$(TRANSFER) backbones
 
-# One pytest worker per core and one more, at most 4, each test file on one worker (its fixtures
-# made once); the extra worker fills the time others wait on their subprocesses (on 2 cores 14
-# minutes against 15.5 with 2 workers). PYTEST_ARGS="-n 0" runs the suite in one process.
+# One pytest worker per core, at most 4, each test file on one worker (its fixtures made once);
+# PYTEST_ARGS="-n 0" runs the suite in one process.
 test: install
-	$(PY) -m pytest -n $(shell expr $$(nproc) + 1) --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
