@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_CUT, TINY_SIZE, make_dataset
+from conftest import REPO, TINY_BACKBONE, TINY_CUT, TINY_SIZE, make_dataset
 
 # Logical devices must be set before TensorFlow starts, so this runs in a fresh process: one
 # training per strategy at the same global batch (8) and learning rate, the final weights saved.
@@ -33,14 +33,14 @@ from transfer.model import load_model
 from transfer.pipeline import train
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 data, runs, strategy, batch, rate = sys.argv[1:6]
-cfg = resolve(None, dict(data=data, backbone="vgg16", weights="none", image_size={size},
+cfg = resolve(None, dict(data=data, backbone={backbone!r}, weights="none", image_size={size},
                          batch_size=int(batch), learning_rate=float(rate), head="adam",
                          epochs=2, fine_tune_epochs=0, dropout=0.0, augment=False,
                          evaluate=False, strategy=strategy, runs_dir=runs))
 run_dir = train(cfg, verbose=0)
 np.savez(run_dir / "final.npz", *load_model(run_dir / "model.keras").get_weights())
 print(run_dir)
-""".format(size=TINY_SIZE)
+""".format(backbone=TINY_BACKBONE, size=TINY_SIZE)
 
 
 def _train_in_process(dataset, tmp_path, strategy, batch, rate):
@@ -107,7 +107,7 @@ def test_unknown_strategy_or_precision_names_the_valid_ones():
 
 
 # Several machines: each worker a process of the real CLI, with TF_CONFIG on loopback ports.
-WORKER_ARGS = ("--backbone", "vgg16", "--weights", "none", "--image-size", str(TINY_SIZE),
+WORKER_ARGS = ("--backbone", TINY_BACKBONE, "--weights", "none", "--image-size", str(TINY_SIZE),
                "--batch-size", "4", "--epochs", "2", "--fine-tune-epochs", "1",
                "--fine-tune-from", TINY_CUT, "--no-evaluate")
 WORKER_TIMEOUT = 240  # seconds: a run here takes about 30

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_CUT, TINY_SIZE, make_dataset
+from conftest import REPO, TINY_BACKBONE, TINY_CUT, TINY_SIZE, make_dataset
 from transfer.cli import main
 from transfer.pipeline import resume
 
@@ -35,7 +35,7 @@ def test_interrupted_training_resumes_from_the_last_completed_epoch(tmp_path, ca
     command = [sys.executable, "-c", "import signal, sys; from transfer.cli import main; "
                "signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(main())",
                "train", "--data", str(dataset),
-               "--backbone", "vgg16", "--weights", "none", "--image-size", str(TINY_SIZE),
+               "--backbone", TINY_BACKBONE, "--weights", "none", "--image-size", str(TINY_SIZE),
                "--batch-size", "8", "--head", "adam", "--epochs", "4", "--fine-tune-epochs", "3",
                "--fine-tune-from", TINY_CUT, "--patience", "20", "--no-evaluate",
                "--runs-dir", str(runs), *options]
@@ -90,7 +90,8 @@ def test_resume_refuses_finished_runs_and_other_options(tiny_config, capsys):
     settings = run_dir.parent / "settings.yaml"  # `make train CONFIG=settings.yaml RESUME=1`
     settings.write_text(f"data: {run_dir.parent.name}\nruns_dir: {run_dir.parents[1]}\n"
                         "epochs: 9\n")
-    stopped_early = run_dir.parent / "99991231-000000-vgg16"  # stopped before its split.csv
+    # A run stopped before its split.csv was written.
+    stopped_early = run_dir.parent / f"99991231-000000-{TINY_BACKBONE}"
     stopped_early.mkdir()
     (stopped_early / "config.json").write_text("{}")
     assert main(["train", "--config", str(settings), "--resume"]) == 2

@@ -41,15 +41,15 @@ def tiny_model_and_feeds(request, dataset, tiny_config):
         return model, images("train", shuffle=True), images("validation"), "images"
 
     if request.param == "images":
-        return spec, model, on_images
+        return model, on_images
     cfg = tiny_config(backbone=BATCHNORM_BACKBONE, fine_tune_from=BATCHNORM_CUT, augment=False)
-    return spec, model, CachedFeeds(model, cfg, cfg.phases(spec), splits["train"],
-                                    splits["validation"], images, verbose=0)
+    return model, CachedFeeds(model, cfg, cfg.phases(spec), splits["train"],
+                              splits["validation"], images, verbose=0)
 
 
 @pytest.mark.parametrize("solver", ["adam", "lbfgs"])
 def test_phase_one_trains_the_head_only(tiny_model_and_feeds, tmp_path, solver):
-    spec, model, feeds = tiny_model_and_feeds
+    model, feeds = tiny_model_and_feeds
     backbone = backbone_of(model)
     before, head_before = _weights_by_layer(backbone), model.get_layer("probabilities").get_weights()
     fit_phases(model, [Phase("head", 2, 1e-2, None, solver)], feeds, tmp_path, patience=5,
@@ -69,7 +69,7 @@ def test_phase_two_on_a_schedule_with_averaged_weights_keeps_those_invariants(
     _check_phase_two(*tiny_model_and_feeds, tmp_path, schedule="cosine", ema=0.9)
 
 
-def _check_phase_two(spec, model, feeds, tmp_path, **settings):
+def _check_phase_two(model, feeds, tmp_path, **settings):
     backbone = backbone_of(model)
     before = _weights_by_layer(backbone)
     # Phase 2 alone: with a phase before it, weights that lose to that phase are rolled back.
@@ -98,8 +98,9 @@ def test_the_deeper_phase_changes_only_layers_after_its_cut_from_one_frozen_pass
     from transfer.model import image_model
 
     spec = get_spec(BATCHNORM_BACKBONE)
+    deeper_cut = "conv5_block2_"
     cfg = tiny_config(backbone=BATCHNORM_BACKBONE, fine_tune_from=BATCHNORM_CUT,
-                      deeper_from="conv5_block2_", augment=False)
+                      deeper_from=deeper_cut, augment=False)
     classes = class_names(dataset / "train")
     model = build_classifier(spec, len(classes), TINY_SIZE, weights="none")
     splits = {name: split_of(dataset / name, classes) for name in ("train", "validation")}
@@ -125,8 +126,7 @@ def test_the_deeper_phase_changes_only_layers_after_its_cut_from_one_frozen_pass
     before = _weights_by_layer(backbone)
     history = fit_phases(model, phases, feeds, tmp_path, patience=5, verbose=0)
     changed = _changed(before, _weights_by_layer(backbone))
-    after_deeper_cut = {layer.name for layer in backbone.layers[cut_index(backbone,
-                                                                          "conv5_block2_"):]}
+    after_deeper_cut = {layer.name for layer in backbone.layers[cut_index(backbone, deeper_cut):]}
     batchnorm = {layer.name for layer in backbone.layers
                  if isinstance(layer, keras.layers.BatchNormalization)}
     assert changed and changed <= after_deeper_cut - batchnorm
@@ -168,7 +168,7 @@ def test_phase_three_solves_the_head_again_on_the_fine_tuned_features_only(
     loss; on images (nothing cached) it is skipped."""
     import transfer.head
 
-    spec, model, feeds = tiny_model_and_feeds
+    model, feeds = tiny_model_and_feeds
     # Phase 2 alone first, so that its weights are kept (not rolled back to a phase 1's).
     phases = [Phase("fine_tune", 2, 1e-2, BATCHNORM_CUT), Phase("refit", 0, 1e-2, None, "lbfgs")]
     cached = isinstance(feeds, CachedFeeds)
@@ -205,7 +205,7 @@ def test_phase_three_solves_the_head_again_on_the_fine_tuned_features_only(
 @pytest.mark.parametrize("tiny_model_and_feeds", ["cached"], indirect=True)
 def test_cosine_schedule_warms_up_for_an_epoch_then_decays_to_zero(tiny_model_and_feeds,
                                                                   tmp_path):
-    spec, model, feeds = tiny_model_and_feeds
+    model, feeds = tiny_model_and_feeds
     history = fit_phases(model, [Phase("head", 3, 1e-2, None, schedule="cosine")], feeds,
                          tmp_path, patience=5, verbose=0)
     # Logged at each epoch's end: the warmup's peak, half way down the cosine, and 0.
@@ -215,7 +215,7 @@ def test_cosine_schedule_warms_up_for_an_epoch_then_decays_to_zero(tiny_model_an
 
 @pytest.mark.parametrize("tiny_model_and_feeds", ["cached"], indirect=True)
 def test_the_averaged_weights_are_the_ones_validated_and_kept(tiny_model_and_feeds, tmp_path):
-    spec, model, feeds = tiny_model_and_feeds
+    model, feeds = tiny_model_and_feeds
     head = model.get_layer("probabilities")
 
     def moved(ema, run):
