@@ -23,12 +23,13 @@ from the same ImageNet checkpoint, and is judged by one function (the images dec
   differs from the next by a few images: its data pipeline is not deterministic).
   --guide-seeds 1 runs it on the first seed only, in a third of the time.
 
-The split is made once per data set with its seed (1337), seeded and stratified as `transfer`
-makes splits: cats_dogs is train/ less a 20% test set, with validation/ as given; flowers is
-70/10/20. `transfer` reads it from a label file with a split column (a temporary folder
-holding a link to the data set and labels.csv), and the bench checks that the run's split.csv
-holds exactly those files. `split_sha256` names the split, so lines from separate parts of a
-run can be seen to share it.
+The split is made once per data set with its seed (1337, the issue's; --split-seed S for
+another split, to judge on other test images), seeded and stratified as `transfer` makes
+splits: cats_dogs is train/ less a 20% test set, with validation/ as given; flowers is
+70/10/20. `transfer` reads it from a label file with a split column (a temporary folder holding
+a link to the data set and labels.csv), and the bench checks that the run's split.csv holds
+exactly those files. `split_sha256` names the split, so lines from separate parts of a run can
+be seen to share it.
 
 Prints one JSON line per data set and backbone: validation and test accuracy and train wall
 time per system (medians over the seeds), the best peer, and the targets:
@@ -62,7 +63,7 @@ SYSTEMS = ("transfer", "probe", "guide")
 PEERS = ("probe", "guide")
 CHECKPOINTS = ("mobilenet_2_5_224_tf_no_top.h5",
                "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
-SPLIT_SEED = 1337  # each data set's seed: one split for every system and seed
+SPLIT_SEED = 1337  # the issue's split: one for every system and seed (--split-seed for others)
 TEST_SPLIT = 0.2  # of train/ for cats_dogs, of all images for flowers
 FLOWERS_VALIDATION_SPLIT = 0.1  # flowers: 70/10/20
 PROBE_MAX_ITER = 10_000  # lbfgs stops well before this on these features
@@ -103,7 +104,7 @@ def capped(split, limit):
     return Split(tuple(p for p, _ in kept), tuple(label for _, label in kept))
 
 
-def make_split(name, folder, limit):
+def make_split(name, folder, limit, split_seed):
     """(classes, {"train", "validation", "test": Split}) for a data set, seeded and stratified
     by transfer's own function; --limit caps each split after splitting, so a capped test
     set is a subset of the full one."""
@@ -113,13 +114,13 @@ def make_split(name, folder, limit):
     if name == "cats_dogs":
         classes = class_names(folder / "train")
         train, test = stratified_split(pool_of(folder / "train", classes), TEST_SPLIT,
-                                       SPLIT_SEED, "test")
+                                       split_seed, "test")
         validation = pool_of(folder / "validation", classes)
     else:
         classes = class_names(folder)
-        rest, test = stratified_split(pool_of(folder, classes), TEST_SPLIT, SPLIT_SEED, "test")
+        rest, test = stratified_split(pool_of(folder, classes), TEST_SPLIT, split_seed, "test")
         train, validation = stratified_split(
-            rest, FLOWERS_VALIDATION_SPLIT / (1 - TEST_SPLIT), SPLIT_SEED)
+            rest, FLOWERS_VALIDATION_SPLIT / (1 - TEST_SPLIT), split_seed)
     splits = {"train": train, "validation": validation, "test": test}
     return classes, {key: capped(split, limit) for key, split in splits.items()}
 
@@ -318,12 +319,12 @@ def targets(systems):
     return best or None, met, strictly
 
 
-def bench(name, folder, backbone, systems, seeds, guide_seeds, scratch, limit):
+def bench(name, folder, backbone, systems, seeds, guide_seeds, split_seed, scratch, limit):
     from transfer.backbones import get_spec
 
     spec = get_spec(backbone)
     size = spec.default_size
-    classes, splits = make_split(name, folder, limit)
+    classes, splits = make_split(name, folder, limit, split_seed)
     rows = split_rows(folder, classes, splits)
     digest = hashlib.sha256("\n".join(",".join(row) for row in rows).encode()).hexdigest()
     labels = write_label_file(Path(tempfile.mkdtemp(prefix="split-", dir=scratch)), name,
@@ -349,7 +350,7 @@ def bench(name, folder, backbone, systems, seeds, guide_seeds, scratch, limit):
     best, met, strictly = targets(results)
     return {"bench": "accuracy", "data": name, "backbone": backbone, "image_size": size,
             "limit": limit, "seeds": list(seeds), "guide_seeds": list(seeds[:guide_seeds]),
-            "split_seed": SPLIT_SEED,
+            "split_seed": split_seed,
             "split": {key: len(split) for key, split in splits.items()},
             "classes": classes, "split_sha256": digest, "guide_settings": GUIDE,
             "systems": results, "best_peer": best, "targets_met": met,
@@ -402,6 +403,9 @@ def main():
                         help="every system's seeds")
     parser.add_argument("--guide-seeds", type=int,
                         help="how many of --seeds the guide runs (default: all)")
+    parser.add_argument("--split-seed", type=int, default=SPLIT_SEED,
+                        help=f"the split's seed (default: {SPLIT_SEED}, the issue's split); "
+                             "others judge on other test images")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--limit", type=int, help="at most this many images per class in "
                                                   "each split: smoke tests only")
@@ -419,7 +423,8 @@ def main():
         for name in datasets:
             for backbone in backbones:
                 result = bench(name, args.shared / "datasets" / name, backbone, systems,
-                               args.seeds, args.guide_seeds, scratch, args.limit)
+                               args.seeds, args.guide_seeds, args.split_seed, scratch,
+                               args.limit)
                 print(json.dumps(result), file=stdout, flush=True)
 
 if __name__ == "__main__":
