@@ -25,17 +25,32 @@ def _changed(before, after):
             if any(not np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
 
 
-@pytest.fixture(params=["images", "cached"])
-def tiny_model_and_feeds(request, dataset, tiny_config):
-    """A BatchNorm backbone's classifier and its feeds: on images, or on cached features."""
+def _batchnorm_names(backbone):
+    return {layer.name for layer in backbone.layers
+            if isinstance(layer, keras.layers.BatchNormalization)}
+
+
+def _classifier_and_images(dataset, passes=None):
+    """(spec, a BatchNorm backbone's classifier over `dataset`'s classes, its train and
+    validation splits, a feed of their images that appends each split it reads to `passes`)."""
     spec = get_spec(BATCHNORM_BACKBONE)
     classes = class_names(dataset / "train")
     model = build_classifier(spec, len(classes), TINY_SIZE, weights="none")
     splits = {name: split_of(dataset / name, classes) for name in ("train", "validation")}
 
     def images(split, augment=False, shuffle=False):
+        if passes is not None:
+            passes.append(split)
         return data.batched(data.decoded(splits[split], TINY_SIZE), 4,
                             shuffle_seed=0 if shuffle else None)
+
+    return spec, model, splits, images
+
+
+@pytest.fixture(params=["images", "cached"])
+def tiny_model_and_feeds(request, dataset, tiny_config):
+    """A BatchNorm backbone's classifier and its feeds: on images, or on cached features."""
+    spec, model, splits, images = _classifier_and_images(dataset)
 
     def on_images(phase):
         return model, images("train", shuffle=True), images("validation"), "images"
@@ -78,8 +93,7 @@ def _check_phase_two(model, feeds, tmp_path, **settings):
     changed = _changed(before, _weights_by_layer(backbone))
     start = cut_index(backbone, BATCHNORM_CUT)
     after_cut = {layer.name for layer in backbone.layers[start:]}
-    batchnorm = {layer.name for layer in backbone.layers
-                 if isinstance(layer, keras.layers.BatchNormalization)}
+    batchnorm = _batchnorm_names(backbone)
     assert changed, "phase 2 changed no backbone weight"
     assert changed <= after_cut - batchnorm
     assert [row["phase"] for row in history].count("fine_tune") >= 1
@@ -97,20 +111,11 @@ def test_the_deeper_phase_changes_only_layers_after_its_cut_from_one_frozen_pass
     from transfer.cache import frozen_boundary
     from transfer.model import image_model
 
-    spec = get_spec(BATCHNORM_BACKBONE)
     deeper_cut = "conv5_block2_"
     cfg = tiny_config(backbone=BATCHNORM_BACKBONE, fine_tune_from=BATCHNORM_CUT,
                       deeper_from=deeper_cut, augment=False)
-    classes = class_names(dataset / "train")
-    model = build_classifier(spec, len(classes), TINY_SIZE, weights="none")
-    splits = {name: split_of(dataset / name, classes) for name in ("train", "validation")}
     passes = []
-
-    def images(split, augment=False, shuffle=False):
-        passes.append(split)
-        return data.batched(data.decoded(splits[split], TINY_SIZE), 4,
-                            shuffle_seed=0 if shuffle else None)
-
+    spec, model, splits, images = _classifier_and_images(dataset, passes)
     phases = [phase for phase in cfg.phases(spec) if phase.unfreeze_from]
     assert [phase.name for phase in phases] == ["fine_tune", "deeper"]
     feeds = CachedFeeds(model, cfg, phases, splits["train"], splits["validation"], images,
@@ -127,9 +132,7 @@ def test_the_deeper_phase_changes_only_layers_after_its_cut_from_one_frozen_pass
     history = fit_phases(model, phases, feeds, tmp_path, patience=5, verbose=0)
     changed = _changed(before, _weights_by_layer(backbone))
     after_deeper_cut = {layer.name for layer in backbone.layers[cut_index(backbone, deeper_cut):]}
-    batchnorm = {layer.name for layer in backbone.layers
-                 if isinstance(layer, keras.layers.BatchNormalization)}
-    assert changed and changed <= after_deeper_cut - batchnorm
+    assert changed and changed <= after_deeper_cut - _batchnorm_names(backbone)
     assert {row["phase"] for row in history} == {"fine_tune", "deeper"}
     assert sorted(passes) == ["train", "validation"]  # no second pass over the images
 
