@@ -5,7 +5,8 @@ from the same ImageNet checkpoint, and is judged by one function (the images dec
 `transfer` decodes them, then the system's prediction on each):
 
 - transfer: `transfer train --labels LABELS.csv --backbone B --seed S --no-evaluate` in a
-  subprocess, as a user runs it, with every other setting at its default and a cold
+  subprocess, as a user runs it, with every other setting at its default (or as
+  --transfer-options sets it, to measure a setting against the defaults) and a cold
   $TRANSFER_CACHE_HOME (a new folder per run, so its file checks and feature caches are made
   anew). Its train wall time is the subprocess's, start-up and file checks included; its
   accuracies are its saved model.keras's, not summary.json's best epoch.
@@ -46,6 +47,7 @@ import csv
 import hashlib
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -191,14 +193,15 @@ def train_as_a_user(arguments, work):
     return next((work / "runs").glob("*/*/summary.json")).parent, wall
 
 
-def run_transfer(labels, backbone, seed, scratch, splits, size):
-    """One `transfer train` run as a user runs it; its figures, judged on its model.keras."""
+def run_transfer(labels, backbone, seed, scratch, splits, size, options):
+    """One `transfer train` run as a user runs it, with `options` beside the defaults; its
+    figures, judged on its model.keras."""
     from transfer.model import load_model
     from transfer.runs import read_split
 
     work = Path(tempfile.mkdtemp(prefix=f"transfer-{backbone}-{seed}-", dir=scratch))
     run_dir, wall = train_as_a_user(["--labels", str(labels), "--backbone", backbone,
-                                     "--seed", str(seed)], work)
+                                     "--seed", str(seed), *options], work)
     summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     if config["image_size"] != size:
@@ -319,7 +322,8 @@ def targets(systems):
     return best or None, met, strictly
 
 
-def bench(name, folder, backbone, systems, seeds, guide_seeds, split_seed, scratch, limit):
+def bench(name, folder, backbone, systems, seeds, guide_seeds, split_seed, transfer_options,
+          scratch, limit):
     from transfer.backbones import get_spec
 
     spec = get_spec(backbone)
@@ -336,7 +340,8 @@ def bench(name, folder, backbone, systems, seeds, guide_seeds, split_seed, scrat
         per_seed = []
         for seed in seeds[:guide_seeds] if system == "guide" else seeds:
             if system == "transfer":
-                row = run_transfer(labels, backbone, seed, scratch, splits, size)
+                row = run_transfer(labels, backbone, seed, scratch, splits, size,
+                                   transfer_options)
             else:
                 import keras
 
@@ -350,7 +355,7 @@ def bench(name, folder, backbone, systems, seeds, guide_seeds, split_seed, scrat
     best, met, strictly = targets(results)
     return {"bench": "accuracy", "data": name, "backbone": backbone, "image_size": size,
             "limit": limit, "seeds": list(seeds), "guide_seeds": list(seeds[:guide_seeds]),
-            "split_seed": split_seed,
+            "split_seed": split_seed, "transfer_options": transfer_options,
             "split": {key: len(split) for key, split in splits.items()},
             "classes": classes, "split_sha256": digest, "guide_settings": GUIDE,
             "systems": results, "best_peer": best, "targets_met": met,
@@ -406,6 +411,10 @@ def main():
     parser.add_argument("--split-seed", type=int, default=SPLIT_SEED,
                         help=f"the split's seed (default: {SPLIT_SEED}, the issue's split); "
                              "others judge on other test images")
+    parser.add_argument("--transfer-options", type=shlex.split, default=[],
+                        help="`transfer train` options beside its defaults, as one argument, "
+                             "to measure a setting on the same split (e.g. "
+                             "--transfer-options=\"--deeper-from block_13_\")")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--limit", type=int, help="at most this many images per class in "
                                                   "each split: smoke tests only")
@@ -423,8 +432,8 @@ def main():
         for name in datasets:
             for backbone in backbones:
                 result = bench(name, args.shared / "datasets" / name, backbone, systems,
-                               args.seeds, args.guide_seeds, args.split_seed, scratch,
-                               args.limit)
+                               args.seeds, args.guide_seeds, args.split_seed,
+                               args.transfer_options, scratch, args.limit)
                 print(json.dumps(result), file=stdout, flush=True)
 
 if __name__ == "__main__":
