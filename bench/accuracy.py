@@ -24,7 +24,7 @@ from the same ImageNet checkpoint, and is judged by one function (the images dec
   differs from the next by a few images: its data pipeline is not deterministic).
   --guide-seeds 1 runs it on the first seed only, in a third of the time.
 
-The split is made once per data set with its seed (1337, the issue's; --split-seed S for
+The split is made once per data set with its seed (1337, the README's runs'; --split-seed S for
 another split, to judge on other test images), seeded and stratified as `transfer` makes
 splits: cats_dogs is train/ less a 20% test set, with validation/ as given; flowers is
 70/10/20. `transfer` reads it from a label file with a split column (a temporary folder holding
@@ -65,7 +65,7 @@ SYSTEMS = ("transfer", "probe", "guide")
 PEERS = ("probe", "guide")
 CHECKPOINTS = ("mobilenet_2_5_224_tf_no_top.h5",
                "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
-SPLIT_SEED = 1337  # the issue's split: one for every system and seed (--split-seed for others)
+SPLIT_SEED = 1337  # the README's runs: one split for every system and seed
 TEST_SPLIT = 0.2  # of train/ for cats_dogs, of all images for flowers
 FLOWERS_VALIDATION_SPLIT = 0.1  # flowers: 70/10/20
 PROBE_MAX_ITER = 10_000  # lbfgs stops well before this on these features
@@ -409,7 +409,7 @@ def main():
     parser.add_argument("--guide-seeds", type=int,
                         help="how many of --seeds the guide runs (default: all)")
     parser.add_argument("--split-seed", type=int, default=SPLIT_SEED,
-                        help=f"the split's seed (default: {SPLIT_SEED}, the issue's split); "
+                        help=f"the split's seed (default: {SPLIT_SEED}, the README's runs'); "
                              "others judge on other test images")
     parser.add_argument("--transfer-options", type=shlex.split, default=[],
                         help="`transfer train` options beside its defaults, as one argument, "
