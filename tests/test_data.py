@@ -127,6 +127,26 @@ def test_random_affine_flips_exactly_and_does_nothing_when_off():
     np.testing.assert_array_equal(RandomAffine(rotation=0.5)(images, training=False), images)
 
 
+def test_a_seeded_augmentation_repeats_batch_for_batch():
+    """The augmented training batches are the same on every run with the same seed: each batch
+    takes its draws from the seeded generator in order, not as parallel calls happen to run."""
+    import tensorflow as tf
+
+    from transfer.layers import RandomAffine
+
+    images = np.random.default_rng(0).uniform(0, 255, (256, 16, 16, 3)).astype("uint8")
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(256, "int32")))
+
+    def augmented():
+        layer = RandomAffine(flip="horizontal", rotation=0.1, seed=1337)
+        return np.concatenate([x.numpy() for x, _ in data.batched(dataset, 4, augment=layer)])
+
+    first = augmented()
+    assert not np.allclose(first, images)
+    for _ in range(2):
+        np.testing.assert_array_equal(augmented(), first)
+
+
 def test_random_affine_rotates_zooms_and_shifts_within_the_pixel_range():
     images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype("float32")
     for settings in ({"rotation": 0.1}, {"zoom": 0.2}, {"translation": 0.2}):

@@ -401,7 +401,10 @@ def batched(dataset, batch_size, augment=None, shuffle_seed=None):
             padded = tf.pad(x, [[0, batch_size - count], [0, 0], [0, 0], [0, 0]])
             return compiled(padded)[:count], y
 
-        dataset = dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+        # One call at a time: the layer draws from one seeded generator, so calls running in
+        # parallel would take each other's draws in whatever order they ran, and a seeded run
+        # would not repeat. The resampling is a few percent of the backbone's time per image.
+        dataset = dataset.map(transform)
     # Parallel maps run one call per core, not as tf.data's autotuning sets them: beside the
     # model's own threads, its tuning left a run on one core in 3 of 4 tries (twice the time).
     options = tf.data.Options()
